@@ -1,0 +1,84 @@
+//! The core's inputs and outputs: everything crossing the boundary between the protocol and
+//! the adapters that do I/O.
+
+use crate::message::Message;
+use crate::reject::RejectReason;
+use crate::request::{Reply, Request};
+use crate::storage::PersistOp;
+use crate::types::{ReplicaId, Seq, View};
+
+/// Who sent an input, as the transport claims it. Protocol messages carry their own
+/// signatures, so this is only used to route answers (sync responses, replies).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    Replica(ReplicaId),
+    Client,
+}
+
+/// Something that happened to the replica.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Input {
+    /// A message arrived.
+    Receive { from: Source, msg: Message },
+    /// A client submitted a request directly to this replica.
+    Request(Request),
+    /// One tick of time passed.
+    Tick,
+}
+
+/// Where a message goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// Every other replica.
+    All,
+    Replica(ReplicaId),
+}
+
+/// A message to send.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Envelope {
+    pub to: Target,
+    pub msg: Message,
+}
+
+/// Notable things for logs and metrics; none needs to be acted on for correctness.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A block was executed (committed normally or applied from sync).
+    Executed {
+        height: Seq,
+        view: View,
+        requests: usize,
+        synced: bool,
+    },
+    /// The replica started a view change towards `view`.
+    ViewChangeStarted { view: View },
+    /// The replica entered `view` in normal operation.
+    ViewEntered { view: View },
+    /// A checkpoint became stable and the log below it was discarded.
+    CheckpointStable { seq: Seq },
+    /// The replica is behind and is fetching blocks up to `target`.
+    SyncStarted { from: Seq, target: Seq },
+    /// An input was refused.
+    Rejected { reason: RejectReason },
+}
+
+/// What the adapter must do after feeding inputs, in this order: make `persist` durable, then
+/// send `messages` and deliver `replies`. Sending before persisting could let a crash make the
+/// replica contradict itself.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Output {
+    pub persist: Vec<PersistOp>,
+    pub messages: Vec<Envelope>,
+    pub replies: Vec<Reply>,
+    pub events: Vec<Event>,
+}
+
+impl Output {
+    pub fn is_empty(&self) -> bool {
+        self.persist.is_empty()
+            && self.messages.is_empty()
+            && self.replies.is_empty()
+            && self.events.is_empty()
+    }
+}

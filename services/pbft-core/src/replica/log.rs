@@ -1,0 +1,49 @@
+//! Per-sequence-number agreement state for the current view.
+
+use std::collections::BTreeMap;
+
+use crate::message::{Commit, PrePrepare, Prepare, Signed};
+use crate::types::{Digest, ReplicaId};
+
+/// What a replica knows about one sequence number in its current view.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Slot {
+    pub pre_prepare: Option<Signed<PrePrepare>>,
+    /// First prepare from each replica (a second, different one is equivocation).
+    pub prepares: BTreeMap<ReplicaId, Signed<Prepare>>,
+    pub commits: BTreeMap<ReplicaId, Signed<Commit>>,
+    pub prepared: bool,
+    pub committed: bool,
+    /// Own votes, kept to re-send when progress stalls.
+    pub own_prepare: Option<Signed<Prepare>>,
+    pub own_commit: Option<Signed<Commit>>,
+}
+
+impl Slot {
+    pub fn digest(&self) -> Option<Digest> {
+        self.pre_prepare.as_ref().map(|p| p.body.digest)
+    }
+
+    /// Prepares matching the accepted pre-prepare, from backups (never the primary).
+    pub fn matching_prepares(&self, primary: ReplicaId) -> Vec<Signed<Prepare>> {
+        let Some(d) = self.digest() else {
+            return Vec::new();
+        };
+        self.prepares
+            .iter()
+            .filter(|(r, p)| **r != primary && p.body.digest == d)
+            .map(|(_, p)| p.clone())
+            .collect()
+    }
+
+    pub fn matching_commits(&self) -> Vec<Signed<Commit>> {
+        let Some(d) = self.digest() else {
+            return Vec::new();
+        };
+        self.commits
+            .values()
+            .filter(|c| c.body.digest == d)
+            .cloned()
+            .collect()
+    }
+}

@@ -1,0 +1,490 @@
+//! The normal case: client requests, batching, pre-prepare / prepare / commit, and in-order
+//! execution into blocks.
+
+use super::{Replica, Waiting};
+use crate::Result;
+use crate::block::{Block, BlockError};
+use crate::kv::{reply_for, results_digest};
+use crate::message::{Commit, Message, PrePrepare, Prepare, PreparedProof, Signed};
+use crate::output::{Event, Source};
+use crate::reject::RejectReason;
+use crate::request::{Batch, Request};
+use crate::storage::PersistOp;
+use crate::types::{Digest, Seq, View};
+
+impl Replica {
+    /// A client request, straight from the client or forwarded by a backup.
+    pub(super) fn on_request(&mut self, req: Request, from: Source) {
+        if let Err(reason) = self.check_request(&req) {
+            self.reject(reason);
+            return;
+        }
+        if let Some(rec) = self.kv.client(req.client) {
+            if rec.timestamp == req.timestamp {
+                // A retry of the last executed request: answer from the reply cache.
+                let reply = crate::request::Reply {
+                    view: self.view,
+                    timestamp: rec.timestamp,
+                    client: req.client,
+                    replica: self.id,
+                    result: rec.result.clone(),
+                };
+                self.out.replies.push(reply);
+                return;
+            }
+            if rec.timestamp > req.timestamp {
+                self.reject(RejectReason::StaleRequest);
+                return;
+            }
+        }
+        if self.is_primary() && !self.changing {
+            self.enqueue(req);
+            self.try_propose();
+        } else {
+            let fresh = self.wait_for(req.clone());
+            // Forward once, so a client that suspects the primary still reaches it; if the
+            // primary ignores it, this replica's timer will start a view change.
+            if fresh && !self.changing && from == Source::Client {
+                let p = self.primary();
+                self.send(p, Message::Request(req));
+            }
+        }
+    }
+
+    /// Checks what can be checked of a request on its own: size, client, signature.
+    pub(super) fn check_request(&self, req: &Request) -> Result<(), RejectReason> {
+        if req.op.payload_len() > self.cfg.max_request_bytes || req.op.key().is_empty() {
+            return Err(RejectReason::Malformed);
+        }
+        if !self.verifier.knows_client(req.client) {
+            return Err(RejectReason::UnknownSender);
+        }
+        if !req.verify(self.verifier.as_ref()) {
+            return Err(RejectReason::BadSignature);
+        }
+        Ok(())
+    }
+
+    /// Starts (or keeps) the timer for a request this replica expects to see executed.
+    /// Returns true when the request is new to it.
+    pub(super) fn wait_for(&mut self, req: Request) -> bool {
+        if let Some(w) = self.waiting.get(&req.client) {
+            if w.request.timestamp >= req.timestamp {
+                return false;
+            }
+            self.timers.remove(&(w.since, req.client));
+        }
+        self.timers.insert((self.now, req.client));
+        self.waiting.insert(
+            req.client,
+            Waiting {
+                request: req,
+                since: self.now,
+            },
+        );
+        true
+    }
+
+    /// Stops the timer of an executed request.
+    fn executed_for_client(&mut self, req: &Request) {
+        if let Some(w) = self.waiting.get(&req.client) {
+            if w.request.timestamp <= req.timestamp {
+                self.timers.remove(&(w.since, req.client));
+                self.waiting.remove(&req.client);
+            }
+        }
+    }
+
+    /// Restarts every waiting request's timer, giving a new view's primary a full timeout.
+    pub(super) fn restart_timers(&mut self) {
+        self.timers.clear();
+        for (c, w) in self.waiting.iter_mut() {
+            w.since = self.now;
+            self.timers.insert((self.now, *c));
+        }
+    }
+
+    pub(super) fn enqueue(&mut self, req: Request) {
+        let key = (req.client, req.timestamp);
+        if self.queued.contains(&key) {
+            return;
+        }
+        if self.queue.len() >= self.cfg.max_pending_requests {
+            self.reject(RejectReason::Overloaded);
+            return;
+        }
+        self.queued.insert(key);
+        self.queue.push_back((req, self.now));
+    }
+
+    /// Primary: turns queued requests into pre-prepares while the window and pipeline allow.
+    pub(super) fn try_propose(&mut self) {
+        while !self.queue.is_empty() && self.is_primary() && !self.changing {
+            let in_flight = self.next_seq.saturating_sub(self.last_executed + 1);
+            if self.next_seq > self.high_watermark() || in_flight >= self.cfg.max_in_flight {
+                return;
+            }
+            // With nothing in flight, propose at once (latency); otherwise let the batch fill
+            // for up to `batch_delay` ticks (throughput).
+            let waited = self.queue.front().map_or(0, |(_, t)| self.now - t);
+            if in_flight > 0
+                && self.queue.len() < self.cfg.max_batch
+                && waited < self.cfg.batch_delay
+            {
+                return;
+            }
+            let mut requests = Vec::new();
+            while requests.len() < self.cfg.max_batch {
+                let Some((req, _)) = self.queue.pop_front() else {
+                    break;
+                };
+                self.queued.remove(&(req.client, req.timestamp));
+                let done = self
+                    .kv
+                    .client(req.client)
+                    .is_some_and(|c| c.timestamp >= req.timestamp);
+                if !done {
+                    requests.push(req);
+                }
+            }
+            if requests.is_empty() {
+                continue;
+            }
+            let batch = Batch::new(requests);
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            let pp = self.sign(PrePrepare {
+                view: self.view,
+                seq,
+                digest: batch.digest(),
+                batch,
+            });
+            self.persist(PersistOp::Accepted(pp.clone()));
+            self.slot(seq).pre_prepare = Some(pp.clone());
+            self.broadcast(Message::PrePrepare(pp));
+            self.check_prepared(seq);
+        }
+    }
+
+    /// Validates the parts of a phase message shared by pre-prepare, prepare and commit.
+    fn check_phase(&mut self, view: View, seq: Seq, valid_signature: bool) -> bool {
+        if !valid_signature {
+            self.reject(RejectReason::BadSignature);
+            return false;
+        }
+        if view < self.view {
+            self.reject(RejectReason::StaleView);
+            return false;
+        }
+        if view > self.view || self.changing {
+            self.reject(if view > self.view {
+                RejectReason::FutureView
+            } else {
+                RejectReason::WrongPhase
+            });
+            self.maybe_follow_views();
+            return false;
+        }
+        if !self.in_window(seq) {
+            self.reject(RejectReason::OutOfWindow);
+            return false;
+        }
+        true
+    }
+
+    pub(super) fn on_pre_prepare(&mut self, m: Signed<PrePrepare>) {
+        let valid = self.verify(&m);
+        if valid {
+            self.saw_view(m.author(self.n()), m.body.view);
+        }
+        if !self.check_phase(m.body.view, m.body.seq, valid) {
+            return;
+        }
+        if self.is_primary() {
+            self.reject(RejectReason::WrongPhase);
+            return;
+        }
+        if let Err(reason) = self.check_batch(&m.body) {
+            self.reject(reason);
+            return;
+        }
+        let seq = m.body.seq;
+        match self.slots.get(&seq).and_then(|s| s.digest()) {
+            Some(d) if d == m.body.digest => {
+                self.reject(RejectReason::Duplicate);
+                return;
+            }
+            Some(_) => {
+                self.reject(RejectReason::Conflicting);
+                return;
+            }
+            None => {}
+        }
+        self.accept_pre_prepare(m);
+    }
+
+    /// Checks a proposed batch: digest, size and every request's signature.
+    fn check_batch(&self, pp: &PrePrepare) -> Result<(), RejectReason> {
+        #[cfg(feature = "mutations")]
+        let skip_digest = self.cfg.mutation == Some(crate::config::Mutation::SkipDigestCheck);
+        #[cfg(not(feature = "mutations"))]
+        let skip_digest = false;
+        if !skip_digest && pp.batch.digest() != pp.digest {
+            return Err(RejectReason::DigestMismatch);
+        }
+        if pp.batch.len() > self.cfg.max_batch {
+            return Err(RejectReason::Malformed);
+        }
+        pp.batch
+            .requests
+            .iter()
+            .try_for_each(|r| self.check_request(r))
+    }
+
+    /// Takes a pre-prepare into the log and votes for it. Used for normal pre-prepares and
+    /// for those a new-view message carries.
+    pub(super) fn accept_pre_prepare(&mut self, m: Signed<PrePrepare>) {
+        let (view, seq, digest) = (m.body.view, m.body.seq, m.body.digest);
+        for r in &m.body.batch.requests {
+            if self
+                .kv
+                .client(r.client)
+                .is_none_or(|c| c.timestamp < r.timestamp)
+            {
+                self.wait_for(r.clone());
+            }
+        }
+        self.persist(PersistOp::Accepted(m.clone()));
+        self.slot(seq).pre_prepare = Some(m);
+        if !self.is_primary() {
+            let prepare = self.sign(Prepare {
+                view,
+                seq,
+                digest,
+                replica: self.id,
+            });
+            let slot = self.slot(seq);
+            slot.prepares.insert(prepare.body.replica, prepare.clone());
+            slot.own_prepare = Some(prepare.clone());
+            self.broadcast(Message::Prepare(prepare));
+        }
+        self.check_prepared(seq);
+    }
+
+    pub(super) fn on_prepare(&mut self, m: Signed<Prepare>) {
+        let valid = self.verify(&m);
+        if valid {
+            self.saw_view(m.body.replica, m.body.view);
+        }
+        if !self.check_phase(m.body.view, m.body.seq, valid) {
+            return;
+        }
+        if m.body.replica == self.primary() {
+            self.reject(RejectReason::WrongPhase);
+            return;
+        }
+        let seq = m.body.seq;
+        let slot = self.slot(seq);
+        if let Some(old) = slot.prepares.get(&m.body.replica) {
+            let reason = if old.body.digest == m.body.digest {
+                RejectReason::Duplicate
+            } else {
+                RejectReason::Conflicting
+            };
+            self.reject(reason);
+            if reason == RejectReason::Duplicate {
+                self.help_peer(m.body.replica, seq);
+            }
+            return;
+        }
+        slot.prepares.insert(m.body.replica, m);
+        self.check_prepared(seq);
+    }
+
+    /// A slot is prepared with its pre-prepare plus 2f matching prepares from backups. Then
+    /// the certificate is saved (view changes must carry it) and the replica commits.
+    pub(super) fn check_prepared(&mut self, seq: Seq) {
+        let primary = self.primary();
+        let needed = self.cfg.quorum() - 1;
+        let Some(slot) = self.slots.get(&seq) else {
+            return;
+        };
+        if slot.prepared {
+            return;
+        }
+        let Some(pp) = slot.pre_prepare.clone() else {
+            return;
+        };
+        let prepares = slot.matching_prepares(primary);
+        if prepares.len() < needed {
+            return;
+        }
+        let proof = PreparedProof {
+            pre_prepare: pp,
+            prepares: prepares.into_iter().take(needed).collect(),
+        };
+        let digest = proof.digest();
+        self.persist(PersistOp::Prepared(proof.clone()));
+        self.prepared.insert(seq, proof);
+        let commit = self.sign(Commit {
+            view: self.view,
+            seq,
+            digest,
+            replica: self.id,
+        });
+        let slot = self.slot(seq);
+        slot.prepared = true;
+        slot.commits.insert(commit.body.replica, commit.clone());
+        slot.own_commit = Some(commit.clone());
+        self.broadcast(Message::Commit(commit));
+        self.check_committed(seq);
+    }
+
+    pub(super) fn on_commit(&mut self, m: Signed<Commit>) {
+        let valid = self.verify(&m);
+        if valid {
+            self.saw_view(m.body.replica, m.body.view);
+        }
+        if !self.check_phase(m.body.view, m.body.seq, valid) {
+            return;
+        }
+        let seq = m.body.seq;
+        let slot = self.slot(seq);
+        if let Some(old) = slot.commits.get(&m.body.replica) {
+            let reason = if old.body.digest == m.body.digest {
+                RejectReason::Duplicate
+            } else {
+                RejectReason::Conflicting
+            };
+            self.reject(reason);
+            if reason == RejectReason::Duplicate {
+                self.help_peer(m.body.replica, seq);
+            }
+            return;
+        }
+        slot.commits.insert(m.body.replica, m);
+        self.check_committed(seq);
+    }
+
+    /// Committed locally: prepared here and 2f+1 matching commits.
+    fn check_committed(&mut self, seq: Seq) {
+        let quorum = self.cfg.quorum();
+        let Some(slot) = self.slots.get_mut(&seq) else {
+            return;
+        };
+        if slot.committed || !slot.prepared || slot.matching_commits().len() < quorum {
+            return;
+        }
+        slot.committed = true;
+        self.try_execute();
+    }
+
+    /// Executes committed slots in sequence order.
+    pub(super) fn try_execute(&mut self) {
+        loop {
+            let seq = self.last_executed + 1;
+            let Some(slot) = self.slots.get(&seq) else {
+                break;
+            };
+            if !slot.committed {
+                break;
+            }
+            let Some(pp) = slot.pre_prepare.clone() else {
+                break;
+            };
+            let certificate: Vec<_> = slot
+                .matching_commits()
+                .into_iter()
+                .take(self.cfg.quorum())
+                .collect();
+            let view = pp.body.view;
+            self.execute_block(pp.body.batch, view, certificate, false);
+        }
+        if self.is_primary() {
+            self.try_propose();
+        }
+    }
+
+    /// Executes the next block and records it. Replies go out for normally committed blocks;
+    /// synced ones were answered by the replicas that committed them.
+    pub(super) fn execute_block(
+        &mut self,
+        batch: Batch,
+        view: View,
+        certificate: Vec<Signed<Commit>>,
+        synced: bool,
+    ) -> Block {
+        let height = self.last_executed + 1;
+        let results = self.kv.execute(&batch);
+        for r in &batch.requests {
+            self.executed_for_client(r);
+        }
+        if !synced {
+            for exec in &results {
+                if let Some(reply) = reply_for(self.view, self.id, exec) {
+                    self.out.replies.push(reply);
+                }
+            }
+        }
+        let checkpoint_here = height % self.cfg.checkpoint_interval == 0;
+        let state_digest = if checkpoint_here {
+            self.kv.digest()
+        } else {
+            Digest::ZERO
+        };
+        let requests = batch.len();
+        let block = Block {
+            height,
+            prev_hash: self.head_hash,
+            batch,
+            results_digest: results_digest(&results),
+            state_digest,
+            view,
+            certificate,
+        };
+        self.head_hash = block.hash();
+        self.last_executed = height;
+        self.last_progress = self.now;
+        if !self.changing {
+            self.vc_timeout = self.cfg.view_change_timeout;
+        }
+        self.persist(PersistOp::Block(block.clone()));
+        self.event(Event::Executed {
+            height,
+            view,
+            requests,
+            synced,
+        });
+        if checkpoint_here {
+            self.take_checkpoint(state_digest);
+        }
+        block
+    }
+
+    /// Re-executes a stored block during recovery, checking it against what was recorded.
+    pub(super) fn replay_block(&mut self, block: Block) -> Result<(), BlockError> {
+        if block.height != self.last_executed + 1 {
+            return Err(BlockError::Height {
+                expected: self.last_executed + 1,
+                got: block.height,
+            });
+        }
+        if block.prev_hash != self.head_hash {
+            return Err(BlockError::BrokenLink {
+                height: block.height,
+            });
+        }
+        let executed = self.execute_block(block.batch.clone(), block.view, Vec::new(), true);
+        if executed.results_digest != block.results_digest {
+            return Err(BlockError::Results {
+                height: block.height,
+            });
+        }
+        if executed.state_digest != block.state_digest {
+            return Err(BlockError::State {
+                height: block.height,
+            });
+        }
+        Ok(())
+    }
+}
