@@ -1,0 +1,375 @@
+//! State sync: a lagging replica verifies and applies certified blocks from a sync response
+//! (exact blocks, events and the checkpoint it then adopts), asks for the rest in chunks,
+//! refuses forged data (bad certificate, broken hash link, swapped batch, forged results,
+//! oversized or empty answers) as `BadSyncData` and moves to another peer, replaces a silent
+//! peer after the sync timeout, and catches up end to end inside a cluster.
+
+mod common;
+
+use common::*;
+use pbft_core::{
+    Block, CheckpointCert, Digest, Event, Message, Output, PersistOp, RejectReason, Replica,
+    Signature, StableCheckpoint, StateProvider, SyncRequest, SyncResponse,
+};
+
+/// A cluster that executed `count` requests without replica 3, and replica 3 taken out of
+/// it after hearing the checkpoint votes for seq 4: it is syncing from replica 0.
+fn syncing_replica(count: u64) -> (Cluster, Replica) {
+    let mut c = Cluster::new();
+    c.isolate(3);
+    for client in 1..=count {
+        c.execute(client, 1);
+    }
+    let votes: Vec<_> = c
+        .take_dropped_to(3)
+        .into_iter()
+        .filter(|(_, m)| matches!(m, Message::Checkpoint(cp) if cp.body.seq == 4))
+        .collect();
+    assert_eq!(votes.len(), 3);
+    let mut lagging = c.replicas.remove(3);
+    let mut last = Output::default();
+    for (by, m) in votes {
+        last = deliver(&mut lagging, by.0, m);
+    }
+    assert_eq!(
+        last,
+        Output {
+            messages: vec![sync_request(0, 1)],
+            events: vec![Event::SyncStarted { from: 1, target: 4 }],
+            ..Output::default()
+        }
+    );
+    (c, lagging)
+}
+
+fn sync_request(peer: u32, from_height: u64) -> pbft_core::Envelope {
+    to(
+        peer,
+        Message::SyncRequest(SyncRequest {
+            from_height,
+            max_blocks: 4,
+        }),
+    )
+}
+
+fn blocks(c: &Cluster, from: u64, count: usize) -> Vec<Block> {
+    c.store(0).blocks_from(from, count).expect("memory store")
+}
+
+fn response(blocks: Vec<Block>) -> Message {
+    Message::SyncResponse(SyncResponse {
+        blocks,
+        checkpoint: None,
+    })
+}
+
+fn synced(height: u64) -> Event {
+    Event::Executed {
+        height,
+        view: 0,
+        requests: 1,
+        synced: true,
+    }
+}
+
+fn bad_sync_then_ask(peer: u32, from_height: u64) -> Output {
+    Output {
+        messages: vec![sync_request(peer, from_height)],
+        events: vec![Event::Rejected {
+            reason: RejectReason::BadSyncData,
+        }],
+        ..Output::default()
+    }
+}
+
+#[test]
+fn a_lagging_replica_applies_verified_blocks_and_adopts_the_checkpoint() {
+    let (c, mut b) = syncing_replica(4);
+    let chain = blocks(&c, 1, 4);
+    let resp = SyncResponse {
+        blocks: chain.clone(),
+        checkpoint: c.store(0).checkpoints().expect("memory store").pop(),
+    };
+    let out = deliver(&mut b, 0, Message::SyncResponse(resp));
+
+    let reference = c.replica(0);
+    let d = pbft_core::checkpoint_digest(&reference.state().digest(), &chain[3].hash());
+    let mut persist: Vec<_> = chain.iter().cloned().map(PersistOp::Block).collect();
+    persist.push(PersistOp::Checkpoint(StableCheckpoint {
+        cert: CheckpointCert {
+            seq: 4,
+            digest: d,
+            signatures: [0, 1, 2].map(|i| checkpoint(4, d, i)).to_vec(),
+        },
+        snapshot: reference.state().snapshot(),
+        block_hash: chain[3].hash(),
+    }));
+    persist.push(PersistOp::Prune { upto: 4 });
+    assert_eq!(
+        out,
+        Output {
+            persist,
+            messages: vec![to_all(Message::Checkpoint(checkpoint(4, d, 3)))],
+            // Synced blocks were answered by the replicas that committed them.
+            replies: vec![],
+            events: vec![
+                synced(1),
+                synced(2),
+                synced(3),
+                synced(4),
+                Event::CheckpointStable { seq: 4 },
+            ],
+        }
+    );
+    let s = b.status();
+    assert_eq!(
+        (
+            s.last_executed,
+            s.head_hash,
+            s.stable_checkpoint,
+            s.sync_target
+        ),
+        (4, reference.status().head_hash, 4, None)
+    );
+    assert_eq!(b.state().snapshot(), reference.state().snapshot());
+}
+
+#[test]
+fn a_partial_answer_asks_the_same_peer_for_the_rest() {
+    let (c, mut b) = syncing_replica(4);
+    let chain = blocks(&c, 1, 4);
+    let out = deliver(&mut b, 0, response(chain[..2].to_vec()));
+    assert_eq!(
+        out,
+        Output {
+            persist: vec![
+                PersistOp::Block(chain[0].clone()),
+                PersistOp::Block(chain[1].clone())
+            ],
+            messages: vec![sync_request(0, 3)],
+            events: vec![synced(1), synced(2)],
+            ..Output::default()
+        }
+    );
+    assert_eq!(b.status().sync_target, Some(4));
+    // Blocks it already has are skipped, the rest applied.
+    let out = deliver(&mut b, 0, response(chain[1..].to_vec()));
+    assert_eq!(
+        out.persist[..2],
+        [
+            PersistOp::Block(chain[2].clone()),
+            PersistOp::Block(chain[3].clone())
+        ]
+    );
+    assert_eq!(b.status().last_executed, 4);
+    assert_eq!(b.status().sync_target, None);
+}
+
+#[test]
+fn a_block_with_a_forged_certificate_is_refused_and_another_peer_asked() {
+    let (c, mut b) = syncing_replica(4);
+    let chain = blocks(&c, 1, 4);
+    let mut forged = chain[0].clone();
+    forged.certificate[2].signature = Signature::INVALID;
+    let out = deliver(&mut b, 0, response(vec![forged]));
+    assert_eq!(out, bad_sync_then_ask(1, 1));
+    assert_eq!(b.rejected().get(RejectReason::BadSyncData), 1);
+    assert_eq!(b.status().last_executed, 0);
+
+    // The replaced peer is no longer listened to.
+    let out = deliver(&mut b, 0, response(chain.clone()));
+    assert_eq!(out, rejected(RejectReason::WrongPhase));
+    // The new one is.
+    let out = deliver(&mut b, 1, response(chain));
+    assert_eq!(out.events.len(), 5);
+    assert_eq!(b.status().last_executed, 4);
+}
+
+#[test]
+fn forged_certificates_of_every_kind_are_refused() {
+    let (c, _) = syncing_replica(4);
+    let chain = blocks(&c, 1, 4);
+    let mut cases: Vec<(&str, Block)> = Vec::new();
+    let mut short = chain[0].clone();
+    short.certificate.pop();
+    cases.push(("2f commits", short));
+    let mut padded = chain[0].clone();
+    padded.certificate[2] = padded.certificate[0].clone();
+    cases.push(("one commit twice", padded));
+    let mut other_view = chain[0].clone();
+    other_view.view = 1;
+    cases.push(("certificate for another view", other_view));
+    let mut swapped = chain[0].clone();
+    swapped.batch = batch(&[put_req(8, 1)]);
+    cases.push(("batch swapped", swapped));
+    let mut height = chain[1].clone();
+    height.prev_hash = Digest::ZERO;
+    cases.push(("block 2 at height 1", height));
+    for (what, block) in cases {
+        let mut b = fresh_syncing_replica();
+        let out = deliver(&mut b, 0, response(vec![block]));
+        assert_eq!(out, bad_sync_then_ask(1, 1), "{what}");
+        assert_eq!(b.status().last_executed, 0, "{what}");
+    }
+}
+
+/// A fresh replica 3 syncing towards 4 from peer 0, as [`syncing_replica`] leaves it.
+fn fresh_syncing_replica() -> Replica {
+    let mut b = replica(3);
+    for i in 0..3 {
+        deliver(
+            &mut b,
+            i,
+            Message::Checkpoint(checkpoint(4, Digest([4; 32]), i)),
+        );
+    }
+    assert_eq!(b.status().sync_target, Some(4));
+    b
+}
+
+#[test]
+fn a_block_that_breaks_the_hash_chain_is_refused_after_the_good_prefix() {
+    let (c, mut b) = syncing_replica(4);
+    let chain = blocks(&c, 1, 4);
+    let mut broken = chain[1].clone();
+    broken.prev_hash = Digest([1; 32]);
+    let out = deliver(&mut b, 0, response(vec![chain[0].clone(), broken]));
+    assert_eq!(
+        out,
+        Output {
+            persist: vec![PersistOp::Block(chain[0].clone())],
+            messages: vec![sync_request(1, 2)],
+            events: vec![
+                synced(1),
+                Event::Rejected {
+                    reason: RejectReason::BadSyncData
+                }
+            ],
+            ..Output::default()
+        }
+    );
+    assert_eq!(b.status().head_hash, chain[0].hash());
+}
+
+#[test]
+fn a_block_with_forged_results_is_refused_but_its_certified_batch_is_kept() {
+    let (c, mut b) = syncing_replica(4);
+    let chain = blocks(&c, 1, 4);
+    let mut forged = chain[0].clone();
+    forged.results_digest = Digest([1; 32]);
+    let out = deliver(&mut b, 0, response(vec![forged]));
+    // The certificate proves the batch; the replica records its own results for it.
+    assert_eq!(
+        out,
+        Output {
+            persist: vec![PersistOp::Block(chain[0].clone())],
+            messages: vec![sync_request(1, 2)],
+            events: vec![
+                synced(1),
+                Event::Rejected {
+                    reason: RejectReason::BadSyncData
+                }
+            ],
+            ..Output::default()
+        }
+    );
+}
+
+/// Recovery refuses a stored block whose state digest differs from the executed state
+/// (`BlockError::State`); sync executes the same block and keeps its own digest without a
+/// word, so a peer serving forged checkpoint digests is never replaced.
+#[test]
+#[ignore = "BUG: sync accepts a block whose recorded state_digest differs from the executed state"]
+fn a_block_with_a_forged_state_digest_is_refused() {
+    let (c, mut b) = syncing_replica(4);
+    let mut chain = blocks(&c, 1, 4);
+    chain[3].state_digest = Digest([1; 32]);
+    let out = deliver(&mut b, 0, response(chain));
+    assert_eq!(
+        out.events.last(),
+        Some(&Event::Rejected {
+            reason: RejectReason::BadSyncData
+        })
+    );
+    assert_eq!(out.messages.last(), Some(&sync_request(1, 4)));
+}
+
+#[test]
+fn more_blocks_than_asked_for_is_bad_sync_data() {
+    let (c, mut b) = syncing_replica(5);
+    let out = deliver(&mut b, 0, response(blocks(&c, 1, 5)));
+    assert_eq!(out, bad_sync_then_ask(1, 1));
+    assert_eq!(b.status().last_executed, 0);
+}
+
+#[test]
+fn an_empty_answer_from_a_peer_that_claimed_more_is_bad_sync_data() {
+    let (_, mut b) = syncing_replica(4);
+    let out = deliver(&mut b, 0, response(vec![]));
+    assert_eq!(out, bad_sync_then_ask(1, 1));
+}
+
+#[test]
+fn an_answer_from_a_peer_that_was_not_asked_is_the_wrong_phase() {
+    let (c, mut b) = syncing_replica(4);
+    let out = deliver(&mut b, 2, response(blocks(&c, 1, 4)));
+    assert_rejected(&b, &out, RejectReason::WrongPhase, 1, 1);
+    assert_eq!(b.status().last_executed, 0);
+}
+
+#[test]
+fn a_silent_peer_is_replaced_after_the_sync_timeout_in_turn() {
+    let (_, mut b) = syncing_replica(4);
+    assert_eq!(tick(&mut b, 9), Output::default());
+    let ask = |peer| Output {
+        messages: vec![sync_request(peer, 1)],
+        ..Output::default()
+    };
+    assert_eq!(tick(&mut b, 1), ask(1));
+    assert_eq!(tick(&mut b, 10), ask(2));
+    // Every peer failed once: start over with the first.
+    assert_eq!(tick(&mut b, 10), ask(0));
+    assert_eq!(b.status().sync_target, Some(4));
+}
+
+#[test]
+fn a_replica_cut_off_for_two_checkpoints_catches_up_by_sync_in_chunks() {
+    let mut c = Cluster::new();
+    c.isolate(3);
+    for client in 1..=8 {
+        c.execute(client, 1);
+    }
+    c.heal();
+    for client in 1..=4 {
+        c.execute(client, 2);
+    }
+    let head = c.replica(0).status().head_hash;
+    let s = c.replica(3).status();
+    assert_eq!(
+        (
+            s.last_executed,
+            s.head_hash,
+            s.stable_checkpoint,
+            s.sync_target
+        ),
+        (12, head, 12, None)
+    );
+    assert_eq!(
+        c.replica(3).state().snapshot(),
+        c.replica(0).state().snapshot()
+    );
+    let started: Vec<_> = c
+        .events
+        .iter()
+        .filter(|(who, e)| *who == r(3) && matches!(e, Event::SyncStarted { .. }))
+        .map(|(_, e)| e.clone())
+        .collect();
+    assert_eq!(
+        started,
+        vec![Event::SyncStarted {
+            from: 1,
+            target: 12
+        }]
+    );
+    assert_eq!(c.store(3).height(), 12);
+}
