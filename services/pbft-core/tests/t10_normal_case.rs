@@ -423,7 +423,6 @@ fn a_cluster_of_four_executes_a_request_everywhere_with_matching_replies() {
 /// retransmitting to every replica) is queued and proposed a second time while the first
 /// proposal is still in flight.
 #[test]
-#[ignore = "BUG: primary re-proposes a forwarded request that is already in flight"]
 fn primary_does_not_propose_an_in_flight_request_again() {
     let mut p = replica(0);
     let q = put_req(1, 1);

@@ -233,7 +233,6 @@ fn the_new_primary_numbers_new_requests_after_the_re_proposed_ones() {
 /// requests of the batches its new view re-proposes (they are "waiting" because it accepted
 /// their pre-prepares), and proposes them again at the next free seq.
 #[test]
-#[ignore = "BUG: new primary re-proposes requests its own new view already carries"]
 fn the_new_primary_does_not_propose_again_what_its_new_view_carries() {
     let mut p = replica(1);
     deliver(
@@ -485,4 +484,36 @@ fn a_view_change_above_a_stable_checkpoint_re_proposes_from_it() {
         .filter(|(_, e)| matches!(e, Event::Executed { height: 5, .. }))
         .count();
     assert_eq!(executed_5, 4);
+}
+
+#[test]
+fn the_new_view_takes_the_highest_view_certificate_per_seq_and_fills_every_gap() {
+    let (a, b, c) = (
+        batch(&[put_req(1, 1)]),
+        batch(&[put_req(2, 1)]),
+        batch(&[put_req(3, 1)]),
+    );
+    // Replica 0 prepared A at 1 and B at 3 in view 0; replica 3 prepared C at 3 in view 1.
+    let vc0 = view_change(
+        0,
+        2,
+        vec![prepared_proof(0, 1, a.clone()), prepared_proof(0, 3, b)],
+    );
+    let vc3 = view_change(3, 2, vec![prepared_proof(1, 3, c.clone())]);
+    let mut p = replica(2);
+    deliver(&mut p, 0, Message::ViewChange(vc0.clone()));
+    let out = deliver(&mut p, 3, Message::ViewChange(vc3.clone()));
+    let nv = sign(
+        2,
+        NewView {
+            view: 2,
+            view_changes: vec![vc0, view_change(2, 2, vec![]), vc3],
+            pre_prepares: vec![
+                pre_prepare(2, 1, a),
+                pre_prepare(2, 2, Batch::default()),
+                pre_prepare(2, 3, c),
+            ],
+        },
+    );
+    assert_eq!(out.messages[1], to_all(Message::NewView(nv)));
 }

@@ -275,11 +275,10 @@ fn a_block_with_forged_results_is_refused_but_its_certified_batch_is_kept() {
     );
 }
 
-/// Recovery refuses a stored block whose state digest differs from the executed state
-/// (`BlockError::State`); sync executes the same block and keeps its own digest without a
-/// word, so a peer serving forged checkpoint digests is never replaced.
+/// A peer that records a forged state digest is caught and replaced. The block's batch is
+/// still executed (its certificate proves it committed), so the next peer is asked for the
+/// block after it.
 #[test]
-#[ignore = "BUG: sync accepts a block whose recorded state_digest differs from the executed state"]
 fn a_block_with_a_forged_state_digest_is_refused() {
     let (c, mut b) = syncing_replica(4);
     let mut chain = blocks(&c, 1, 4);
@@ -291,7 +290,8 @@ fn a_block_with_a_forged_state_digest_is_refused() {
             reason: RejectReason::BadSyncData
         })
     );
-    assert_eq!(out.messages.last(), Some(&sync_request(1, 4)));
+    assert_eq!(out.messages.last(), Some(&sync_request(1, 5)));
+    assert_eq!(b.status().last_executed, 4);
 }
 
 #[test]
@@ -330,6 +330,31 @@ fn a_silent_peer_is_replaced_after_the_sync_timeout_in_turn() {
     // Every peer failed once: start over with the first.
     assert_eq!(tick(&mut b, 10), ask(0));
     assert_eq!(b.status().sync_target, Some(4));
+}
+
+#[test]
+fn sync_prefers_peers_that_claim_to_be_ahead_and_skips_those_that_failed() {
+    let mut b = replica(3);
+    // Only replicas 1 and 2 claim checkpoint 12.
+    deliver(
+        &mut b,
+        1,
+        Message::Checkpoint(checkpoint(12, Digest([1; 32]), 1)),
+    );
+    let out = deliver(
+        &mut b,
+        2,
+        Message::Checkpoint(checkpoint(12, Digest([1; 32]), 2)),
+    );
+    assert_eq!(out.messages, vec![sync_request(1, 1)]);
+    let ask = |peer| Output {
+        messages: vec![sync_request(peer, 1)],
+        ..Output::default()
+    };
+    assert_eq!(tick(&mut b, 10), ask(2));
+    // Both peers that are ahead failed: try the one left, then start over.
+    assert_eq!(tick(&mut b, 10), ask(0));
+    assert_eq!(tick(&mut b, 10), ask(1));
 }
 
 #[test]

@@ -12,7 +12,7 @@ use pbft_core::{
     PreparedProof, Recovered, RejectReason, Replica, Storage,
 };
 
-/// Replays everything `rep` decided so far into a fresh store and restarts from it.
+/// Persists what `rep` decided since its output was last taken, then restarts it from `store`.
 fn restart(id: u32, store: &mut MemStore, rep: &mut Replica) -> Replica {
     store
         .persist(&rep.take_output().persist)

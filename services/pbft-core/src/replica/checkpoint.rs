@@ -30,8 +30,8 @@ impl Replica {
     }
 
     pub(super) fn on_checkpoint(&mut self, m: Signed<Checkpoint>) {
-        if !self.verify(&m) {
-            self.reject(RejectReason::BadSignature);
+        if let Err(reason) = self.authenticate(&m) {
+            self.reject(reason);
             return;
         }
         let seq = m.body.seq;

@@ -94,6 +94,9 @@ pub struct Replica {
     /// Primary only: requests waiting for a batch, with when they were queued.
     queue: VecDeque<(Request, Tick)>,
     queued: BTreeSet<(ClientId, u64)>,
+    /// Requests in a pre-prepare of the current view that have not executed yet, so the
+    /// primary never proposes one twice.
+    proposed: BTreeSet<(ClientId, u64)>,
     /// Requests this replica waits to see executed (the view-change timers).
     waiting: BTreeMap<ClientId, Waiting>,
     timers: BTreeSet<(Tick, ClientId)>,
@@ -167,6 +170,7 @@ impl Replica {
             claimed: BTreeMap::new(),
             queue: VecDeque::new(),
             queued: BTreeSet::new(),
+            proposed: BTreeSet::new(),
             waiting: BTreeMap::new(),
             timers: BTreeSet::new(),
             view_changes: BTreeMap::new(),
@@ -316,6 +320,18 @@ impl Replica {
 
     fn verify<T: Signable>(&self, m: &Signed<T>) -> bool {
         self.is_replica(m.author(self.cfg.n)) && m.verify(self.cfg.n, self.verifier.as_ref())
+    }
+
+    /// Like `verify`, but says why a message fails: an author outside the cluster, or a
+    /// signature that does not verify.
+    fn authenticate<T: Signable>(&self, m: &Signed<T>) -> Result<(), RejectReason> {
+        if !self.is_replica(m.author(self.cfg.n)) {
+            return Err(RejectReason::UnknownSender);
+        }
+        if !m.verify(self.cfg.n, self.verifier.as_ref()) {
+            return Err(RejectReason::BadSignature);
+        }
+        Ok(())
     }
 
     fn broadcast(&mut self, msg: Message) {

@@ -106,7 +106,7 @@ impl Replica {
 
     pub(super) fn enqueue(&mut self, req: Request) {
         let key = (req.client, req.timestamp);
-        if self.queued.contains(&key) {
+        if self.queued.contains(&key) || self.proposed.contains(&key) {
             return;
         }
         if self.queue.len() >= self.cfg.max_pending_requests {
@@ -150,6 +150,9 @@ impl Replica {
             if requests.is_empty() {
                 continue;
             }
+            for r in &requests {
+                self.proposed.insert((r.client, r.timestamp));
+            }
             let batch = Batch::new(requests);
             let seq = self.next_seq;
             self.next_seq += 1;
@@ -167,9 +170,9 @@ impl Replica {
     }
 
     /// Validates the parts of a phase message shared by pre-prepare, prepare and commit.
-    fn check_phase(&mut self, view: View, seq: Seq, valid_signature: bool) -> bool {
-        if !valid_signature {
-            self.reject(RejectReason::BadSignature);
+    fn check_phase(&mut self, view: View, seq: Seq, auth: Result<(), RejectReason>) -> bool {
+        if let Err(reason) = auth {
+            self.reject(reason);
             return false;
         }
         if view < self.view {
@@ -193,11 +196,11 @@ impl Replica {
     }
 
     pub(super) fn on_pre_prepare(&mut self, m: Signed<PrePrepare>) {
-        let valid = self.verify(&m);
-        if valid {
+        let auth = self.authenticate(&m);
+        if auth.is_ok() {
             self.saw_view(m.author(self.n()), m.body.view);
         }
-        if !self.check_phase(m.body.view, m.body.seq, valid) {
+        if !self.check_phase(m.body.view, m.body.seq, auth) {
             return;
         }
         if self.is_primary() {
@@ -252,6 +255,7 @@ impl Replica {
                 .is_none_or(|c| c.timestamp < r.timestamp)
             {
                 self.wait_for(r.clone());
+                self.proposed.insert((r.client, r.timestamp));
             }
         }
         self.persist(PersistOp::Accepted(m.clone()));
@@ -272,11 +276,11 @@ impl Replica {
     }
 
     pub(super) fn on_prepare(&mut self, m: Signed<Prepare>) {
-        let valid = self.verify(&m);
-        if valid {
+        let auth = self.authenticate(&m);
+        if auth.is_ok() {
             self.saw_view(m.body.replica, m.body.view);
         }
-        if !self.check_phase(m.body.view, m.body.seq, valid) {
+        if !self.check_phase(m.body.view, m.body.seq, auth) {
             return;
         }
         if m.body.replica == self.primary() {
@@ -341,11 +345,11 @@ impl Replica {
     }
 
     pub(super) fn on_commit(&mut self, m: Signed<Commit>) {
-        let valid = self.verify(&m);
-        if valid {
+        let auth = self.authenticate(&m);
+        if auth.is_ok() {
             self.saw_view(m.body.replica, m.body.view);
         }
-        if !self.check_phase(m.body.view, m.body.seq, valid) {
+        if !self.check_phase(m.body.view, m.body.seq, auth) {
             return;
         }
         let seq = m.body.seq;
@@ -418,6 +422,7 @@ impl Replica {
         let results = self.kv.execute(&batch);
         for r in &batch.requests {
             self.executed_for_client(r);
+            self.proposed.remove(&(r.client, r.timestamp));
         }
         if !synced {
             for exec in &results {

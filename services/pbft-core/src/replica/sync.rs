@@ -139,9 +139,9 @@ impl Replica {
             }
             // The certificate proves the batch committed at this height, so executing it is
             // right whatever else the peer claims; our own block records our own results.
-            let claimed_results = block.results_digest;
+            let (claimed_results, claimed_state) = (block.results_digest, block.state_digest);
             let mine = self.execute_block(block.batch, block.view, block.certificate, true);
-            if mine.results_digest != claimed_results {
+            if mine.results_digest != claimed_results || mine.state_digest != claimed_state {
                 bad = true;
                 break;
             }

@@ -32,6 +32,7 @@ impl Replica {
         self.changing = true;
         self.view_change_since = self.now;
         self.slots.clear();
+        self.proposed.clear();
         self.new_view = None;
         // Requests queued as primary of the old view must survive for the next primary.
         for (req, _) in std::mem::take(&mut self.queue) {
@@ -56,8 +57,8 @@ impl Replica {
     }
 
     pub(super) fn on_view_change(&mut self, m: Signed<ViewChange>) {
-        if !self.verify(&m) {
-            self.reject(RejectReason::BadSignature);
+        if let Err(reason) = self.authenticate(&m) {
+            self.reject(reason);
             return;
         }
         let who = m.body.replica;
@@ -73,10 +74,14 @@ impl Replica {
         }
         if let Some(old) = self.view_changes.get(&who) {
             if old.body.new_view >= m.body.new_view {
+                // Same view, other content: equivocation. An older view arriving late is
+                // just reordering.
                 self.reject(if *old == m {
                     RejectReason::Duplicate
-                } else {
+                } else if old.body.new_view == m.body.new_view {
                     RejectReason::Conflicting
+                } else {
+                    RejectReason::StaleView
                 });
                 return;
             }
@@ -259,8 +264,8 @@ impl Replica {
     }
 
     pub(super) fn on_new_view(&mut self, m: Signed<NewView>) {
-        if !self.verify(&m) {
-            self.reject(RejectReason::BadSignature);
+        if let Err(reason) = self.authenticate(&m) {
+            self.reject(reason);
             return;
         }
         let view = m.body.view;
@@ -311,6 +316,7 @@ impl Replica {
         self.view = view;
         self.changing = false;
         self.slots.clear();
+        self.proposed.clear();
         self.persist(PersistOp::View {
             view,
             changing: false,
