@@ -2,8 +2,8 @@
 //!
 //! This is the only crate that generates code from `proto/pbft/v1`, so every
 //! other crate agrees on one set of wire types. The generated types live in
-//! [`pb`]; the consensus core has its own Rust types, and a single conversion
-//! module in the replica maps between the two.
+//! [`pb`]; the consensus core has its own Rust types, and [`convert`] is the one
+//! module that maps between the two (the replica and the client both use it).
 //!
 //! Besides the generated code this crate holds the one rule the generated code
 //! cannot express: which payload message each [`MessageType`] carries and which
@@ -15,6 +15,10 @@
 use std::fmt;
 
 use prost::Message as _;
+
+// Error-variant fields and trait methods there are self-describing; the types carry docs.
+#[allow(missing_docs)]
+pub mod convert;
 
 pub mod pb {
     //! Code generated from `proto/pbft/v1` by `tonic-prost-build` (see `build.rs`).

@@ -28,6 +28,10 @@ pub struct Config {
     pub max_view_change_timeout: Tick,
     /// Ticks without progress after which a replica re-sends its own votes for open slots.
     pub retransmit_interval: Tick,
+    /// Ticks between status announcements: each replica re-broadcasts its latest checkpoint
+    /// vote, so a replica that missed everything (restarted, partitioned) while the cluster
+    /// sits idle still learns it is behind and syncs.
+    pub status_interval: Tick,
     /// Most blocks asked for in one sync request; bounds the memory sync uses.
     pub sync_chunk: u32,
     /// Ticks to wait for a sync response before asking another peer.
@@ -63,6 +67,7 @@ impl Default for Config {
             view_change_timeout: 2_000,
             max_view_change_timeout: 60_000,
             retransmit_interval: 500,
+            status_interval: 2_000,
             sync_chunk: 256,
             sync_timeout: 2_000,
             max_request_bytes: 1 << 20,
@@ -124,6 +129,7 @@ impl Config {
             ("max_in_flight", self.max_in_flight),
             ("view_change_timeout", self.view_change_timeout),
             ("retransmit_interval", self.retransmit_interval),
+            ("status_interval", self.status_interval),
             ("sync_chunk", u64::from(self.sync_chunk)),
             ("sync_timeout", self.sync_timeout),
         ] {

@@ -109,7 +109,12 @@ fn a_lagging_replica_applies_verified_blocks_and_adopts_the_checkpoint() {
         out,
         Output {
             persist,
-            messages: vec![to_all(Message::Checkpoint(checkpoint(4, d, 3)))],
+            // The target is reached, but the peer may have blocks past its last checkpoint:
+            // ask it for more until it answers with none.
+            messages: vec![
+                to_all(Message::Checkpoint(checkpoint(4, d, 3))),
+                sync_request(0, 5)
+            ],
             // Synced blocks were answered by the replicas that committed them.
             replies: vec![],
             events: vec![
@@ -129,9 +134,13 @@ fn a_lagging_replica_applies_verified_blocks_and_adopts_the_checkpoint() {
             s.stable_checkpoint,
             s.sync_target
         ),
-        (4, reference.status().head_hash, 4, None)
+        (4, reference.status().head_hash, 4, Some(4))
     );
     assert_eq!(b.state().snapshot(), reference.state().snapshot());
+    // An empty answer at the target ends the sync, and is not held against the peer.
+    let out = deliver(&mut b, 0, response(Vec::new()));
+    assert_eq!(out, Output::default());
+    assert_eq!(b.status().sync_target, None);
 }
 
 #[test]
@@ -162,6 +171,8 @@ fn a_partial_answer_asks_the_same_peer_for_the_rest() {
         ]
     );
     assert_eq!(b.status().last_executed, 4);
+    assert_eq!(out.messages.last(), Some(&sync_request(0, 5)));
+    deliver(&mut b, 0, response(Vec::new()));
     assert_eq!(b.status().sync_target, None);
 }
 

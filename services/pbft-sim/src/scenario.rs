@@ -165,6 +165,7 @@ impl Scenario {
             view_change_timeout: rng.range(150, 400),
             max_view_change_timeout: 5_000,
             retransmit_interval: rng.range(80, 200),
+            status_interval: rng.range(200, 600),
             sync_chunk: rng.range(1, 6) as u32,
             sync_timeout: 200,
             max_request_bytes: 4096,

@@ -25,6 +25,7 @@ impl Replica {
             replica: self.id,
         });
         self.record_checkpoint_vote(m.clone());
+        self.latest_checkpoint_vote = Some(m.clone());
         self.broadcast(Message::Checkpoint(m));
         self.check_stable(seq);
     }
@@ -39,13 +40,13 @@ impl Replica {
             self.reject(RejectReason::Malformed);
             return;
         }
-        if seq <= self.stable.seq {
-            self.reject(RejectReason::OutOfWindow);
-            return;
-        }
         let who = m.body.replica;
         let claimed = self.claimed.entry(who).or_insert(0);
         *claimed = (*claimed).max(seq);
+        if seq <= self.stable.seq {
+            // Already stable here: an announcement of where the sender is, nothing to count.
+            return;
+        }
         if !self.record_checkpoint_vote(m) {
             return;
         }
@@ -151,9 +152,13 @@ impl Replica {
         }
         claims.sort_unstable_by(|a, b| b.cmp(a));
         let target = claims[need - 1];
-        // Ordinary pipelining also puts us a little behind; only sync when ordering alone
-        // will not catch up (the target is beyond what the log window can still deliver).
-        if target > self.last_executed + self.cfg.checkpoint_interval || self.sync.is_some() {
+        // Ordinary pipelining also puts us a little behind; sync when ordering alone will not
+        // catch up: far behind, or behind with nothing moving.
+        let stalled = self.now.saturating_sub(self.last_progress) >= self.cfg.retransmit_interval;
+        if target > self.last_executed + self.cfg.checkpoint_interval
+            || stalled
+            || self.sync.is_some()
+        {
             self.start_sync(target);
         }
     }

@@ -115,6 +115,9 @@ pub struct Replica {
 
     last_progress: Tick,
     last_retransmit: Tick,
+    /// This replica's newest checkpoint vote, announced every `status_interval`.
+    latest_checkpoint_vote: Option<Signed<crate::message::Checkpoint>>,
+    last_status: Tick,
 
     rejected: RejectCounts,
     out: Output,
@@ -181,6 +184,8 @@ impl Replica {
             sync: None,
             last_progress: 0,
             last_retransmit: 0,
+            latest_checkpoint_vote: None,
+            last_status: 0,
             rejected: RejectCounts::default(),
             out: Output::default(),
             cfg,
@@ -201,7 +206,8 @@ impl Replica {
             }
         }
         r.next_seq = r.next_seq.max(r.last_executed + 1);
-        // Replay only rebuilds state; what it emitted was already persisted and sent.
+        // Replay only rebuilds state; what it emitted was already persisted and sent. The
+        // newest checkpoint vote is kept: announcing it tells peers where we are.
         r.out = Output::default();
         Ok(r)
     }
@@ -281,6 +287,7 @@ impl Replica {
         }
         self.sync_tick();
         self.retransmit_tick();
+        self.status_tick();
     }
 
     // ----- small shared helpers -----

@@ -56,6 +56,18 @@ impl Replica {
         }
     }
 
+    /// Announces this replica's newest checkpoint vote every `status_interval`, so peers
+    /// that fell behind while the cluster was idle learn it and sync.
+    pub(super) fn status_tick(&mut self) {
+        if self.now.saturating_sub(self.last_status) < self.cfg.status_interval {
+            return;
+        }
+        self.last_status = self.now;
+        if let Some(vote) = self.latest_checkpoint_vote.clone() {
+            self.broadcast(Message::Checkpoint(vote));
+        }
+    }
+
     /// `to` repeated a vote for `seq`, which this replica has committed: send it what it
     /// needs to commit too.
     pub(super) fn help_peer(&mut self, to: ReplicaId, seq: Seq) {

@@ -165,10 +165,13 @@ impl Replica {
             return;
         }
         let target = self.sync.as_ref().map_or(0, |s| s.target);
-        if self.last_executed >= target {
+        if self.last_executed >= target && self.last_executed == before {
+            // Reached the target and the peer has nothing more: caught up with it.
             self.sync = None;
             self.try_execute();
         } else if self.last_executed > before {
+            // Progress: keep asking the same peer, past the target up to its head, so an
+            // idle cluster's last few blocks (after its last checkpoint) arrive too.
             if let Some(s) = self.sync.as_mut() {
                 s.asked_at = self.now;
             }

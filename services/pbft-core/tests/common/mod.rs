@@ -44,6 +44,7 @@ pub fn config() -> Config {
         view_change_timeout: 20,
         max_view_change_timeout: 80,
         retransmit_interval: 1_000,
+        status_interval: 100_000,
         sync_chunk: 4,
         sync_timeout: 10,
         max_request_bytes: 64,

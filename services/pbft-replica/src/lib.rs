@@ -1,0 +1,250 @@
+//! The PBFT replica service: drives `pbft-core` over a real network.
+//!
+//! `run(config, shutdown)` wires the parts: the redb store, the node loop thread that owns the
+//! protocol state, the transport (gRPC or TCP) with one bounded queue per peer, the sync
+//! server (`StateProvider`), and the HTTP sidecar. Shutdown stops the listeners, lets the
+//! node loop persist its last output, closes the streams and returns.
+
+pub mod config;
+pub mod keys;
+pub mod metrics;
+pub mod node;
+pub mod sidecar;
+pub mod status;
+pub mod storage;
+pub mod telemetry;
+pub mod transport;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use pbft_core::{Replica, ReplicaId, Storage};
+use tracing::info;
+
+use crate::config::{Config, TransportKind};
+use crate::metrics::Metrics;
+use crate::node::Node;
+use crate::status::{PeerTable, SharedStatus};
+use crate::storage::RedbStore;
+use crate::transport::Outbound;
+use crate::transport::grpc::{GrpcOutbound, GrpcServer, GrpcSettings};
+
+/// Peer addresses: listed in the config, or derived from StatefulSet naming.
+pub fn peer_addresses(cfg: &Config) -> Vec<(ReplicaId, String)> {
+    cfg.replicas
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let addr = match (&cfg.statefulset, &r.address) {
+                (Some(s), _) => format!(
+                    "{}-{i}.{}.{}.svc.{}:{}",
+                    s.name, s.headless_service, s.namespace, s.cluster_domain, s.port
+                ),
+                (None, Some(a)) => a.clone(),
+                (None, None) => String::new(),
+            };
+            (ReplicaId(i as u32), addr)
+        })
+        .collect()
+}
+
+/// Runs a replica until `shutdown` resolves.
+pub async fn run(
+    cfg: Config,
+    id: u32,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    cfg.validate(id)?;
+    let core_cfg = cfg.core_config()?;
+    let me = ReplicaId(id);
+    let signer = keys::load_signer(&cfg.key_file)?;
+    // The TCP handshake signs with the same key as the protocol.
+    let tcp_signer: Arc<dyn pbft_core::Signer> = Arc::new(keys::load_signer(&cfg.key_file)?);
+    let ring = Arc::new(keys::key_ring(&cfg)?);
+    let expected = cfg.replicas[id as usize].public_key.trim().to_lowercase();
+    if keys::to_hex(&signer.public().0) != expected {
+        anyhow::bail!(
+            "key file {} does not match replicas[{id}].public_key",
+            cfg.key_file.display()
+        );
+    }
+
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
+    let db_path = cfg.data_dir.join("pbft.redb");
+    let store = RedbStore::open(&db_path)
+        .with_context(|| format!("cannot open storage {}", db_path.display()))?;
+    let recovered = store
+        .recover()
+        .with_context(|| format!("cannot recover from {}", db_path.display()))?;
+    let replica = Replica::recover(core_cfg, me, Box::new(signer), ring.clone(), recovered)
+        .context("stored state is inconsistent; refusing to start")?;
+    let st = replica.status();
+    info!(id, view = st.view, height = st.last_executed, "recovered");
+
+    let peers = peer_addresses(&cfg);
+    let metrics = Metrics::new();
+    let status = Arc::new(SharedStatus::new(PeerTable::new(
+        peers
+            .iter()
+            .filter(|(p, _)| *p != me)
+            .map(|(p, a)| (p.0, a.clone())),
+    )));
+    let stop = Arc::new(AtomicBool::new(false));
+    let provider: Arc<dyn pbft_core::StateProvider + Send + Sync> = Arc::new(store.reader());
+
+    let settings = GrpcSettings {
+        max_message_bytes: cfg.net.max_message_bytes,
+        dial_timeout: cfg.dial_timeout(),
+        queue_capacity: cfg.net.queue_capacity,
+        backoff_min: Duration::from_millis(cfg.net.backoff_min_ms),
+        backoff_max: Duration::from_millis(cfg.net.backoff_max_ms),
+        submit_timeout: Duration::from_millis(cfg.submit_timeout_ms),
+    };
+
+    // The outbound side needs the node handle and the node needs the outbound side: build
+    // the outbound through a slot the node reads after start.
+    let slot = Arc::new(transport::LateOutbound::default());
+    let (node, handle) = Node::new(
+        replica,
+        Box::new(store),
+        slot.clone(),
+        status.clone(),
+        metrics.clone(),
+        settings.submit_timeout,
+        format!("{:?}", cfg.transport).to_lowercase(),
+    );
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let server_task = match cfg.transport {
+        TransportKind::Grpc => {
+            let outbound = GrpcOutbound::start(
+                me,
+                peers.clone(),
+                handle.clone(),
+                status.clone(),
+                metrics.clone(),
+                settings.clone(),
+                stop.clone(),
+            );
+            slot.set(outbound as Arc<dyn Outbound>);
+            let listener = transport::grpc::bind(cfg.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+            info!(addr = %cfg.listen, "gRPC listening");
+            let server = GrpcServer {
+                n: cfg.replicas.len(),
+                node: handle.clone(),
+                provider: provider.clone(),
+                status: status.clone(),
+                metrics: metrics.clone(),
+                settings: settings.clone(),
+            };
+            let mut rx = stop_rx.clone();
+            tokio::spawn(server.serve(listener, async move {
+                let _ = rx.wait_for(|s| *s).await;
+            }))
+        }
+        TransportKind::Tcp => {
+            let identity = transport::tcp::Identity {
+                me,
+                signer: tcp_signer.clone(),
+                verifier: ring.clone(),
+                n: cfg.replicas.len(),
+            };
+            let tcp_settings = transport::tcp::TcpSettings {
+                max_message_bytes: settings.max_message_bytes,
+                dial_timeout: settings.dial_timeout,
+                queue_capacity: settings.queue_capacity,
+                backoff_min: settings.backoff_min,
+                backoff_max: settings.backoff_max,
+            };
+            let outbound = transport::tcp::TcpOutbound::start(
+                identity.clone(),
+                peers.clone(),
+                handle.clone(),
+                status.clone(),
+                metrics.clone(),
+                tcp_settings.clone(),
+                stop.clone(),
+            );
+            slot.set(outbound as Arc<dyn Outbound>);
+            let listener = tokio::net::TcpListener::bind(cfg.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+            info!(addr = %cfg.listen, "TCP replica transport listening");
+            tokio::spawn(transport::tcp::serve(
+                listener,
+                identity,
+                handle.clone(),
+                provider.clone(),
+                metrics.clone(),
+                tcp_settings,
+                stop_rx.clone(),
+            ));
+            // Clients still speak gRPC, on their own port.
+            let client_addr = cfg
+                .client_listen
+                .context("transport tcp needs `client_listen` (the gRPC client API address)")?;
+            let listener = transport::grpc::bind(client_addr)
+                .await
+                .with_context(|| format!("cannot listen on {client_addr}"))?;
+            info!(addr = %client_addr, "gRPC client API listening");
+            let server = GrpcServer {
+                n: cfg.replicas.len(),
+                node: handle.clone(),
+                provider: provider.clone(),
+                status: status.clone(),
+                metrics: metrics.clone(),
+                settings: settings.clone(),
+            };
+            let mut rx = stop_rx.clone();
+            tokio::spawn(server.serve(listener, async move {
+                let _ = rx.wait_for(|s| *s).await;
+            }))
+        }
+    };
+
+    let http = tokio::net::TcpListener::bind(cfg.http_listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.http_listen))?;
+    info!(addr = %cfg.http_listen, "HTTP sidecar listening");
+    let app = sidecar::router(sidecar::Sidecar {
+        status: status.clone(),
+        metrics: metrics.clone(),
+        ready_max_lag: cfg.ready_max_lag,
+    });
+    let mut rx = stop_rx.clone();
+    let http_task = tokio::spawn(async move {
+        axum::serve(http, app)
+            .with_graceful_shutdown(async move {
+                let _ = rx.wait_for(|s| *s).await;
+            })
+            .await
+    });
+
+    let node_stop = stop.clone();
+    let node_thread = std::thread::Builder::new()
+        .name("pbft-node".into())
+        .spawn(move || node.run(node_stop))
+        .context("cannot start node thread")?;
+
+    shutdown.await;
+    info!("shutting down: stop accepting, flush storage, close streams");
+    let _ = stop_tx.send(true);
+    stop.store(true, Ordering::Relaxed);
+    let _ = tokio::time::timeout(Duration::from_secs(5), server_task).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), http_task).await;
+    let result = tokio::task::spawn_blocking(move || node_thread.join())
+        .await
+        .context("node thread join")?;
+    match result {
+        Ok(r) => r.context("node loop failed")?,
+        Err(_) => anyhow::bail!("node loop panicked"),
+    }
+    info!("stopped cleanly");
+    Ok(())
+}

@@ -1,0 +1,115 @@
+//! `pbft-replica`: parse configuration, start telemetry, run until SIGTERM or Ctrl-C.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use pbft_replica::config::{Config, TransportKind};
+
+/// Flags override environment variables, which override the YAML file.
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "PBFT replica: one member of a Byzantine-fault-tolerant KV cluster"
+)]
+struct Cli {
+    /// YAML configuration file.
+    #[arg(long, short, env = "PBFT_CONFIG")]
+    config: Option<PathBuf>,
+    /// This replica's id (default: from the config, or the StatefulSet pod ordinal).
+    #[arg(long, env = "PBFT_ID")]
+    id: Option<u32>,
+    /// Replica listener address.
+    #[arg(long, env = "PBFT_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// HTTP sidecar address.
+    #[arg(long, env = "PBFT_HTTP_LISTEN")]
+    http_listen: Option<SocketAddr>,
+    /// Data directory.
+    #[arg(long, env = "PBFT_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Secret key file (64 hex characters).
+    #[arg(long, env = "PBFT_KEY_FILE")]
+    key_file: Option<PathBuf>,
+    /// Transport between replicas.
+    #[arg(long, env = "PBFT_TRANSPORT", value_enum)]
+    transport: Option<TransportKind>,
+    /// Log format: text or json.
+    #[arg(long, env = "PBFT_LOG_FORMAT")]
+    log_format: Option<String>,
+    /// Print the effective configuration as YAML and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+fn effective_config(cli: &Cli) -> Result<Config> {
+    let mut cfg = Config::load(cli.config.as_deref())?;
+    if cli.id.is_some() {
+        cfg.id = cli.id;
+    }
+    if let Some(v) = cli.listen {
+        cfg.listen = v;
+    }
+    if let Some(v) = cli.http_listen {
+        cfg.http_listen = v;
+    }
+    if let Some(v) = &cli.data_dir {
+        cfg.data_dir = v.clone();
+    }
+    if let Some(v) = &cli.key_file {
+        cfg.key_file = v.clone();
+    }
+    if let Some(v) = cli.transport {
+        cfg.transport = v;
+    }
+    if let Some(v) = &cli.log_format {
+        cfg.log_format = v.clone();
+    }
+    Ok(cfg)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn main() {
+    // Errors are printed as a readable chain, never as a backtrace.
+    if let Err(e) = real_main() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+#[tokio::main]
+async fn real_main() -> Result<()> {
+    let cli = Cli::parse();
+    let cfg = effective_config(&cli)?;
+    if cli.print_config {
+        print!("{}", cfg.to_yaml());
+        return Ok(());
+    }
+    pbft_replica::telemetry::init(cfg.log_format == "json");
+    let hostname = std::env::var("HOSTNAME").ok();
+    let id = cfg.replica_id(hostname.as_deref())?;
+    pbft_replica::run(cfg, id, shutdown_signal())
+        .await
+        .context("replica failed")
+}

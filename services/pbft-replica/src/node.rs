@@ -1,0 +1,322 @@
+//! The node loop: the one thread that owns the protocol state. It feeds the core with
+//! messages, client requests and 1 ms ticks, then carries out the core's output in the order
+//! that keeps a crash harmless: persist (fsync), then send, then reply.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::time::{Duration, Instant};
+
+use pbft_core::{
+    ClientId, Event, Input, Message, Output, Replica, Reply, Request, Source, Storage, Target,
+};
+use tokio::sync::oneshot;
+use tracing::{debug, error, info, warn};
+
+use crate::metrics::Metrics;
+use crate::status::{SharedStatus, StatusView};
+use crate::transport::Outbound;
+
+/// Something for the node loop to process.
+pub enum Inbound {
+    /// A protocol message from a peer (or a request forwarded by one).
+    Message { from: Source, msg: Message },
+    /// A client request submitted to this replica; `reply` gets this replica's answer.
+    Submit {
+        request: Request,
+        reply: oneshot::Sender<Reply>,
+    },
+}
+
+/// How the servers reach the node loop.
+#[derive(Clone)]
+pub struct NodeHandle {
+    tx: SyncSender<Inbound>,
+    metrics: Metrics,
+}
+
+/// The node loop's queue is full: the replica is overloaded.
+#[derive(Debug, thiserror::Error)]
+#[error("replica overloaded: inbound queue full")]
+pub struct Overloaded;
+
+impl NodeHandle {
+    /// Hands an input to the node loop without blocking; a full queue drops it (counted).
+    pub fn deliver(&self, input: Inbound) -> Result<(), Overloaded> {
+        match self.tx.try_send(input) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.metrics
+                    .dropped_messages
+                    .with_label_values(&["inbound", "queue_full"])
+                    .inc();
+                Err(Overloaded)
+            }
+        }
+    }
+}
+
+/// A fatal node error: the replica stops rather than continue unsafely.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("storage failed, stopping to stay safe: {0}")]
+    Storage(#[from] pbft_core::StorageError),
+}
+
+struct Waiter {
+    tx: oneshot::Sender<Reply>,
+    since: Instant,
+}
+
+/// The node loop's state.
+pub struct Node {
+    replica: Replica,
+    store: Box<dyn Storage + Send>,
+    outbound: Arc<dyn Outbound>,
+    rx: Receiver<Inbound>,
+    status: Arc<SharedStatus>,
+    metrics: Metrics,
+    waiters: HashMap<(ClientId, u64), Vec<Waiter>>,
+    submit_timeout: Duration,
+    transport: String,
+    last_digest_height: u64,
+    state_digest: String,
+}
+
+const INBOUND_CAPACITY: usize = 65_536;
+
+impl Node {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        replica: Replica,
+        store: Box<dyn Storage + Send>,
+        outbound: Arc<dyn Outbound>,
+        status: Arc<SharedStatus>,
+        metrics: Metrics,
+        submit_timeout: Duration,
+        transport: String,
+    ) -> (Node, NodeHandle) {
+        let (tx, rx) = std::sync::mpsc::sync_channel(INBOUND_CAPACITY);
+        let handle = NodeHandle {
+            tx,
+            metrics: metrics.clone(),
+        };
+        let node = Node {
+            replica,
+            store,
+            outbound,
+            rx,
+            status,
+            metrics,
+            waiters: HashMap::new(),
+            submit_timeout,
+            transport,
+            last_digest_height: u64::MAX,
+            state_digest: String::new(),
+        };
+        (node, handle)
+    }
+
+    /// Runs until `shutdown` is set and every sender is gone or the flag is seen; the last
+    /// output is persisted before returning.
+    pub fn run(mut self, shutdown: Arc<AtomicBool>) -> Result<(), NodeError> {
+        let started = Instant::now();
+        let mut ticks: u64 = 0;
+        let mut last_status = Instant::now() - Duration::from_secs(1);
+        let mut last_purge = Instant::now();
+        self.refresh_status();
+        loop {
+            if shutdown.load(Ordering::Relaxed) {
+                break;
+            }
+            let next_tick = started + Duration::from_millis(ticks + 1);
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(wait) {
+                Ok(input) => {
+                    self.accept(input);
+                    // Drain what is already queued so one fsync covers many inputs.
+                    for _ in 0..4096 {
+                        match self.rx.try_recv() {
+                            Ok(input) => self.accept(input),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            let due = started.elapsed().as_millis() as u64;
+            if due > ticks + 1_000 {
+                // We were starved (e.g. a long fsync); do not replay a second of ticks at once.
+                warn!(
+                    behind_ms = due - ticks,
+                    "node loop fell behind; skipping ticks"
+                );
+                ticks = due - 1;
+            }
+            while ticks < due {
+                self.replica.handle(Input::Tick);
+                ticks += 1;
+            }
+            let out = self.replica.take_output();
+            if !out.is_empty() {
+                self.execute(out)?;
+            }
+            self.status.beat();
+            if last_status.elapsed() >= Duration::from_millis(20) {
+                self.refresh_status();
+                last_status = Instant::now();
+            }
+            if last_purge.elapsed() >= Duration::from_secs(1) {
+                self.purge_waiters();
+                last_purge = Instant::now();
+            }
+        }
+        let out = self.replica.take_output();
+        if !out.persist.is_empty() {
+            self.store.persist(&out.persist)?;
+        }
+        info!("node loop stopped; storage flushed");
+        Ok(())
+    }
+
+    fn accept(&mut self, input: Inbound) {
+        match input {
+            Inbound::Message { from, msg } => {
+                self.replica.handle(Input::Receive { from, msg });
+            }
+            Inbound::Submit { request, reply } => {
+                self.metrics
+                    .requests
+                    .with_label_values(&["submitted"])
+                    .inc();
+                self.waiters
+                    .entry((request.client, request.timestamp))
+                    .or_default()
+                    .push(Waiter {
+                        tx: reply,
+                        since: Instant::now(),
+                    });
+                self.replica.handle(Input::Request(request));
+            }
+        }
+    }
+
+    /// Carries out one output: persist, then send, then reply.
+    fn execute(&mut self, out: Output) -> Result<(), NodeError> {
+        if !out.persist.is_empty() {
+            let t = Instant::now();
+            if let Err(e) = self.store.persist(&out.persist) {
+                error!(error = %e, "persist failed");
+                return Err(e.into());
+            }
+            self.metrics
+                .storage_latency
+                .observe(t.elapsed().as_secs_f64());
+        }
+        for env in out.messages {
+            match env.to {
+                Target::All => {
+                    for (peer, err) in self.outbound.broadcast(&env.msg) {
+                        debug!(peer = peer.0, error = %err, kind = env.msg.kind(), "broadcast to peer failed");
+                    }
+                }
+                Target::Replica(to) => self.outbound.send(to, &env.msg),
+            }
+        }
+        for reply in out.replies {
+            if let Some(waiters) = self.waiters.remove(&(reply.client, reply.timestamp)) {
+                for w in waiters {
+                    self.metrics
+                        .commit_latency
+                        .observe(w.since.elapsed().as_secs_f64());
+                    let _ = w.tx.send(reply.clone());
+                }
+                self.metrics.requests.with_label_values(&["replied"]).inc();
+            }
+        }
+        for e in out.events {
+            self.observe(e);
+        }
+        Ok(())
+    }
+
+    fn observe(&mut self, e: Event) {
+        let m = &self.metrics;
+        match e {
+            Event::Executed {
+                height,
+                requests,
+                synced,
+                view,
+            } => {
+                m.committed_height.set(height as i64);
+                m.batch_size.observe(requests as f64);
+                if synced {
+                    m.synced_blocks.inc();
+                }
+                debug!(height, requests, synced, view, "executed");
+            }
+            Event::ViewChangeStarted { view } => {
+                m.view_changes.inc();
+                info!(view, "view change started");
+            }
+            Event::ViewEntered { view } => {
+                m.view.set(view as i64);
+                info!(view, "entered view");
+            }
+            Event::CheckpointStable { seq } => {
+                m.stable_checkpoint.set(seq as i64);
+                debug!(seq, "checkpoint stable");
+            }
+            Event::SyncStarted { from, target } => {
+                m.sync_target.set(target as i64);
+                info!(from, target, "state sync started");
+            }
+            Event::Rejected { reason } => {
+                m.rejected.with_label_values(&[reason.as_str()]).inc();
+                debug!(%reason, "input rejected");
+            }
+        }
+    }
+
+    fn refresh_status(&mut self) {
+        let s = self.replica.status();
+        if s.last_executed != self.last_digest_height {
+            // Hashing the whole state is linear in its size: do it only when it changed.
+            self.state_digest = self.replica.state().digest().to_hex();
+            self.last_digest_height = s.last_executed;
+        }
+        if s.sync_target.is_none() {
+            self.metrics.sync_target.set(0);
+        }
+        self.metrics.view.set(s.view as i64);
+        let cfg = self.replica.config();
+        self.status.set(StatusView {
+            id: s.id.0,
+            n: cfg.n,
+            f: cfg.f(),
+            view: s.view,
+            primary: s.primary.0,
+            view_change_in_progress: s.view_change_in_progress,
+            height: s.last_executed,
+            head_hash: s.head_hash.to_hex(),
+            state_digest: self.state_digest.clone(),
+            stable_checkpoint: s.stable_checkpoint,
+            sync_target: s.sync_target,
+            pending_requests: s.pending_requests,
+            transport: self.transport.clone(),
+            peers: Vec::new(),
+        });
+    }
+
+    /// Forgets waiters whose Submit call has long given up.
+    fn purge_waiters(&mut self) {
+        let limit = self.submit_timeout * 2;
+        self.waiters.retain(|_, ws| {
+            ws.retain(|w| w.since.elapsed() < limit && !w.tx.is_closed());
+            !ws.is_empty()
+        });
+    }
+}

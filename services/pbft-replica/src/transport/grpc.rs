@@ -1,0 +1,641 @@
+//! The gRPC transport (the seed's section 2): a tonic server with `PBFTService` and the
+//! client API, and per peer a dialler that keeps one `MessageStream` open, fed from a bounded
+//! queue, redialling with backoff and jitter when the stream breaks.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use pbft_api::pb;
+use pbft_api::pb::client_service_server::{ClientService, ClientServiceServer};
+use pbft_api::pb::pbft_service_client::PbftServiceClient;
+use pbft_api::pb::pbft_service_server::{PbftService, PbftServiceServer};
+use pbft_core::{CheckpointCert, Message, ReplicaId, Source, StateProvider, SyncResponse};
+use prost::Message as _;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info, warn};
+
+use super::{Backoff, Outbound, SendError, node_name, parse_node_name};
+use crate::metrics::Metrics;
+use crate::node::{Inbound, NodeHandle};
+use crate::status::SharedStatus;
+use pbft_api::convert::{Wire, from_envelope, to_envelope};
+
+/// Settings shared by the server and the diallers.
+#[derive(Clone, Debug)]
+pub struct GrpcSettings {
+    pub max_message_bytes: usize,
+    pub dial_timeout: Duration,
+    pub queue_capacity: usize,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    pub submit_timeout: Duration,
+}
+
+type Provider = Arc<dyn StateProvider + Send + Sync>;
+
+struct Peer {
+    id: ReplicaId,
+    tx: mpsc::Sender<pb::PbftMessage>,
+    channel: Arc<RwLock<Option<Channel>>>,
+}
+
+/// Sending side of the gRPC transport.
+pub struct GrpcOutbound {
+    me: ReplicaId,
+    name: String,
+    peers: HashMap<ReplicaId, Peer>,
+    node: NodeHandle,
+    metrics: Metrics,
+    settings: GrpcSettings,
+    runtime: tokio::runtime::Handle,
+}
+
+impl GrpcOutbound {
+    /// Starts one dialler per peer. `peers` are (id, "host:port").
+    pub fn start(
+        me: ReplicaId,
+        peers: Vec<(ReplicaId, String)>,
+        node: NodeHandle,
+        status: Arc<SharedStatus>,
+        metrics: Metrics,
+        settings: GrpcSettings,
+        shutdown: Arc<AtomicBool>,
+    ) -> Arc<GrpcOutbound> {
+        let mut map = HashMap::new();
+        for (id, addr) in peers {
+            if id == me {
+                continue;
+            }
+            let (tx, rx) = mpsc::channel(settings.queue_capacity);
+            let channel = Arc::new(RwLock::new(None));
+            let dialler = Dialler {
+                me,
+                peer: id,
+                addr,
+                rx,
+                channel: channel.clone(),
+                status: status.clone(),
+                metrics: metrics.clone(),
+                settings: settings.clone(),
+                shutdown: shutdown.clone(),
+            };
+            tokio::spawn(dialler.run());
+            map.insert(id, Peer { id, tx, channel });
+        }
+        Arc::new(GrpcOutbound {
+            me,
+            name: node_name(me),
+            peers: map,
+            node,
+            metrics,
+            settings,
+            runtime: tokio::runtime::Handle::current(),
+        })
+    }
+
+    fn enqueue(&self, peer: &Peer, envelope: pb::PbftMessage) -> Result<(), SendError> {
+        peer.tx.try_send(envelope).map_err(|e| {
+            let err = match e {
+                mpsc::error::TrySendError::Full(_) => SendError::QueueFull,
+                mpsc::error::TrySendError::Closed(_) => SendError::Closed,
+            };
+            self.metrics
+                .dropped_messages
+                .with_label_values(&[&peer.id.0.to_string(), err.label()])
+                .inc();
+            err
+        })
+    }
+
+    /// A sync request becomes a `SyncState` call; its answer goes to the node loop as a
+    /// `SyncResponse` from that peer.
+    fn sync(&self, peer: &Peer, from_height: u64, max_blocks: u32) {
+        let Some(channel) = peer.channel.read().ok().and_then(|c| c.clone()) else {
+            // Not connected: the core times out and asks someone else.
+            return;
+        };
+        let (to, node, name, settings) = (
+            peer.id,
+            self.node.clone(),
+            self.name.clone(),
+            self.settings.clone(),
+        );
+        self.runtime.spawn(async move {
+            let mut client = PbftServiceClient::new(channel)
+                .max_decoding_message_size(settings.max_message_bytes)
+                .max_encoding_message_size(settings.max_message_bytes);
+            let call = client.sync_state(pb::SyncStateRequest {
+                from_height,
+                max_blocks,
+                node_id: name,
+            });
+            let resp = match tokio::time::timeout(settings.dial_timeout, call).await {
+                Ok(Ok(r)) => r.into_inner(),
+                Ok(Err(status)) => {
+                    debug!(peer = to.0, %status, "SyncState failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            match sync_response_from_pb(resp) {
+                Ok(msg) => {
+                    let _ = node.deliver(Inbound::Message {
+                        from: Source::Replica(to),
+                        msg: Message::SyncResponse(msg),
+                    });
+                }
+                Err(e) => warn!(peer = to.0, error = %e, "malformed SyncState answer"),
+            }
+        });
+    }
+}
+
+fn sync_response_from_pb(
+    resp: pb::SyncStateResponse,
+) -> Result<SyncResponse, pbft_api::convert::ConvertError> {
+    if resp.blocks.len() > 100_000 || resp.checkpoints.len() > 16 {
+        return Err(pbft_api::convert::ConvertError::TooMany {
+            field: "SyncStateResponse",
+            got: resp.blocks.len() + resp.checkpoints.len(),
+            max: 100_000,
+        });
+    }
+    let blocks = resp
+        .blocks
+        .into_iter()
+        .map(pbft_core::Block::from_pb)
+        .collect::<Result<Vec<_>, _>>()?;
+    let checkpoint = match resp.checkpoints.into_iter().next_back() {
+        Some(c) => Some(CheckpointCert::from_pb(c)?),
+        None => None,
+    };
+    Ok(SyncResponse { blocks, checkpoint })
+}
+
+impl Outbound for GrpcOutbound {
+    fn send(&self, to: ReplicaId, msg: &Message) {
+        let Some(peer) = self.peers.get(&to) else {
+            return;
+        };
+        if let Message::SyncRequest(req) = msg {
+            self.sync(peer, req.from_height, req.max_blocks);
+            return;
+        }
+        let _ = self.enqueue(peer, to_envelope(msg, self.me, &self.name));
+    }
+
+    fn broadcast(&self, msg: &Message) -> Vec<(ReplicaId, SendError)> {
+        let envelope = to_envelope(msg, self.me, &self.name);
+        self.peers
+            .values()
+            .filter_map(|p| self.enqueue(p, envelope.clone()).err().map(|e| (p.id, e)))
+            .collect()
+    }
+}
+
+/// Keeps one `MessageStream` to one peer open, feeding it from the peer's queue.
+struct Dialler {
+    me: ReplicaId,
+    peer: ReplicaId,
+    addr: String,
+    rx: mpsc::Receiver<pb::PbftMessage>,
+    channel: Arc<RwLock<Option<Channel>>>,
+    status: Arc<SharedStatus>,
+    metrics: Metrics,
+    settings: GrpcSettings,
+    shutdown: Arc<AtomicBool>,
+}
+
+impl Dialler {
+    async fn run(mut self) {
+        let label = self.peer.0.to_string();
+        let mut backoff = Backoff::new(
+            self.settings.backoff_min,
+            self.settings.backoff_max,
+            u64::from(self.me.0) << 32 | u64::from(self.peer.0),
+        );
+        let mut failures = 0u64;
+        while !self.shutdown.load(Ordering::Relaxed) {
+            match self.connect().await {
+                Ok((channel, inbound, stream_tx)) => {
+                    info!(peer = self.peer.0, addr = %self.addr, "connected to peer");
+                    failures = 0;
+                    backoff.reset();
+                    self.set_connected(Some(channel), true);
+                    self.pump(inbound, stream_tx, &label).await;
+                    self.set_connected(None, false);
+                    if self.shutdown.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    self.metrics
+                        .connection_errors
+                        .with_label_values(&[&label])
+                        .inc();
+                    warn!(peer = self.peer.0, "peer stream closed; redialling");
+                }
+                Err(e) => {
+                    failures += 1;
+                    self.metrics
+                        .connection_errors
+                        .with_label_values(&[&label])
+                        .inc();
+                    // Log the first failure and then every 20th: a peer that is down for a
+                    // while should not flood the log.
+                    if failures == 1 || failures % 20 == 0 {
+                        warn!(peer = self.peer.0, addr = %self.addr, failures, error = %e, "cannot reach peer; retrying");
+                    }
+                }
+            }
+            tokio::time::sleep(backoff.next_delay()).await;
+        }
+    }
+
+    fn set_connected(&self, channel: Option<Channel>, up: bool) {
+        if let Ok(mut c) = self.channel.write() {
+            *c = channel;
+        }
+        if let Some(p) = self.status.peers.get(self.peer.0) {
+            if let Ok(mut a) = p.address.write() {
+                a.clone_from(&self.addr);
+            }
+            p.connected.store(up, Ordering::Relaxed);
+        }
+        self.metrics
+            .peer_connected
+            .with_label_values(&[&self.peer.0.to_string()])
+            .set(i64::from(up));
+        self.metrics
+            .peer_count
+            .set(self.status.peers.connected() as i64);
+    }
+
+    async fn connect(
+        &self,
+    ) -> Result<
+        (
+            Channel,
+            Streaming<pb::PbftMessage>,
+            mpsc::Sender<pb::PbftMessage>,
+        ),
+        String,
+    > {
+        let endpoint = Endpoint::from_shared(format!("http://{}", self.addr))
+            .map_err(|e| e.to_string())?
+            .connect_timeout(self.settings.dial_timeout)
+            .tcp_nodelay(true);
+        let channel = tokio::time::timeout(self.settings.dial_timeout, endpoint.connect())
+            .await
+            .map_err(|_| "dial timed out".to_string())?
+            .map_err(|e| format!("{e}: {}", source_chain(&e)))?;
+        let mut client = PbftServiceClient::new(channel.clone())
+            .max_decoding_message_size(self.settings.max_message_bytes)
+            .max_encoding_message_size(self.settings.max_message_bytes);
+        let (stream_tx, stream_rx) = mpsc::channel(256);
+        let call = client.message_stream(ReceiverStream::new(stream_rx));
+        let inbound = tokio::time::timeout(self.settings.dial_timeout, call)
+            .await
+            .map_err(|_| "stream open timed out".to_string())?
+            .map_err(|s| s.to_string())?
+            .into_inner();
+        Ok((channel, inbound, stream_tx))
+    }
+
+    /// Moves messages from the queue onto the stream until either side fails.
+    async fn pump(
+        &mut self,
+        mut inbound: Streaming<pb::PbftMessage>,
+        stream_tx: mpsc::Sender<pb::PbftMessage>,
+        label: &str,
+    ) {
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tokio::select! {
+                msg = self.rx.recv() => {
+                    let Some(msg) = msg else { return };
+                    let kind = pb_kind(&msg);
+                    let bytes = msg.encoded_len() as u64;
+                    let start = Instant::now();
+                    if stream_tx.send(msg).await.is_err() {
+                        return;
+                    }
+                    self.metrics.send_latency.with_label_values(&[label]).observe(start.elapsed().as_secs_f64());
+                    self.metrics.messages_sent.with_label_values(&[label, kind]).inc();
+                    self.metrics.bytes_sent.with_label_values(&[label]).inc_by(bytes);
+                }
+                r = inbound.message() => {
+                    // The peer never sends on our stream; any end of it means the link broke.
+                    if !matches!(r, Ok(Some(_))) {
+                        return;
+                    }
+                }
+                _ = tick.tick() => {
+                    if self.shutdown.load(Ordering::Relaxed) {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut out = String::new();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(&s.to_string());
+        out.push_str("; ");
+        cur = s.source();
+    }
+    out
+}
+
+/// A metrics label for a message type (bounded set).
+pub fn pb_kind(m: &pb::PbftMessage) -> &'static str {
+    use pb::MessageType as T;
+    match pb::MessageType::try_from(m.r#type).unwrap_or(T::Unspecified) {
+        T::PrePrepare => "pre_prepare",
+        T::Prepare => "prepare",
+        T::Commit => "commit",
+        T::Checkpoint => "checkpoint",
+        T::ViewChange => "view_change",
+        T::NewView => "new_view",
+        T::Request => "request",
+        T::SyncRequest => "sync_request",
+        T::SyncResponse => "sync_response",
+        _ => "unknown",
+    }
+}
+
+/// The server side: `PBFTService` and `ClientService` on one listener.
+#[derive(Clone)]
+pub struct GrpcServer {
+    pub n: usize,
+    pub node: NodeHandle,
+    pub provider: Provider,
+    pub status: Arc<SharedStatus>,
+    pub metrics: Metrics,
+    pub settings: GrpcSettings,
+}
+
+impl GrpcServer {
+    /// Serves until `shutdown` resolves, then stops accepting and drains.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<(), tonic::transport::Error> {
+        let max = self.settings.max_message_bytes;
+        let pbft = PbftServiceServer::new(self.clone())
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max);
+        let client = ClientServiceServer::new(self)
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max);
+        tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(pbft)
+            .add_service(client)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .await
+    }
+
+    /// Hands one received envelope to the node loop; malformed ones are counted.
+    fn receive(&self, envelope: &pb::PbftMessage) {
+        let sender = parse_node_name(&envelope.node_id).filter(|r| (r.0 as usize) < self.n);
+        let label = sender.map_or_else(|| "unknown".to_string(), |r| r.0.to_string());
+        self.metrics
+            .messages_received
+            .with_label_values(&[&label, pb_kind(envelope)])
+            .inc();
+        self.metrics
+            .bytes_received
+            .with_label_values(&[&label])
+            .inc_by(envelope.encoded_len() as u64);
+        match from_envelope(envelope) {
+            Ok(msg) => {
+                let from = sender.map_or(Source::Client, Source::Replica);
+                let _ = self.node.deliver(Inbound::Message { from, msg });
+            }
+            Err(e) => {
+                self.metrics
+                    .rejected
+                    .with_label_values(&["malformed"])
+                    .inc();
+                debug!(peer = %label, error = %e, "malformed message dropped");
+            }
+        }
+    }
+
+    fn status_pb(&self) -> pb::GetStatusResponse {
+        let s = self.status.snapshot();
+        pb::GetStatusResponse {
+            node_id: node_name(ReplicaId(s.id)),
+            replica_id: s.id,
+            view: s.view,
+            primary: s.primary,
+            height: s.height,
+            stable_checkpoint: s.stable_checkpoint,
+            state_digest: crate::keys::parse_hex32(&s.state_digest)
+                .map(|d| d.to_vec())
+                .unwrap_or_default(),
+            peers: s
+                .peers
+                .iter()
+                .map(|p| pb::PeerStatus {
+                    node_id: node_name(ReplicaId(p.id)),
+                    replica_id: p.id,
+                    address: p.address.clone(),
+                    connected: p.connected,
+                })
+                .collect(),
+            view_change_in_progress: s.view_change_in_progress,
+        }
+    }
+
+    async fn submit_one(&self, req: pb::Request) -> Result<pb::Reply, Status> {
+        let request = pbft_core::Request::from_pb(req)
+            .map_err(|e| Status::invalid_argument(format!("malformed request: {e}")))?;
+        let (tx, rx) = oneshot::channel();
+        self.node
+            .deliver(Inbound::Submit { request, reply: tx })
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        match tokio::time::timeout(self.settings.submit_timeout, rx).await {
+            Ok(Ok(reply)) => Ok(reply.to_pb()),
+            Ok(Err(_)) => Err(Status::unavailable("replica shutting down")),
+            Err(_) => {
+                self.metrics.requests.with_label_values(&["timeout"]).inc();
+                Err(Status::deadline_exceeded(
+                    "request not executed in time (the cluster may lack a quorum, or the request was rejected: check its signature and timestamp)",
+                ))
+            }
+        }
+    }
+}
+
+type BoxStream<T> = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl PbftService for GrpcServer {
+    type MessageStreamStream = BoxStream<pb::PbftMessage>;
+
+    async fn message_stream(
+        &self,
+        request: Request<Streaming<pb::PbftMessage>>,
+    ) -> Result<Response<Self::MessageStreamStream>, Status> {
+        let mut inbound = request.into_inner();
+        let this = self.clone();
+        // The response side stays open (and silent) for as long as the peer's side is: its
+        // end tells the peer the link is gone.
+        let (keep_tx, keep_rx) = mpsc::channel::<Result<pb::PbftMessage, Status>>(1);
+        tokio::spawn(async move {
+            loop {
+                match inbound.message().await {
+                    Ok(Some(envelope)) => this.receive(&envelope),
+                    Ok(None) => break,
+                    Err(status) => {
+                        debug!(%status, "inbound stream ended with error");
+                        break;
+                    }
+                }
+            }
+            drop(keep_tx);
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(keep_rx))))
+    }
+
+    async fn broadcast_message(
+        &self,
+        request: Request<pb::BroadcastRequest>,
+    ) -> Result<Response<pb::BroadcastResponse>, Status> {
+        let envelope = request
+            .into_inner()
+            .message
+            .ok_or_else(|| Status::invalid_argument("BroadcastRequest.message is missing"))?;
+        self.receive(&envelope);
+        Ok(Response::new(pb::BroadcastResponse { errors: Vec::new() }))
+    }
+
+    async fn send_message(
+        &self,
+        request: Request<pb::SendRequest>,
+    ) -> Result<Response<pb::SendResponse>, Status> {
+        let envelope = request
+            .into_inner()
+            .message
+            .ok_or_else(|| Status::invalid_argument("SendRequest.message is missing"))?;
+        self.receive(&envelope);
+        Ok(Response::new(pb::SendResponse {}))
+    }
+
+    async fn sync_state(
+        &self,
+        request: Request<pb::SyncStateRequest>,
+    ) -> Result<Response<pb::SyncStateResponse>, Status> {
+        let req = request.into_inner();
+        let provider = self.provider.clone();
+        let budget = self.settings.max_message_bytes / 2;
+        let max = req.max_blocks.clamp(1, 4096) as usize;
+        let resp = tokio::task::spawn_blocking(move || {
+            sync_answer(&*provider, req.from_height, max, budget)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(pb::SyncStateResponse {
+            height: resp.blocks.last().map_or(0, |b| b.height),
+            blocks: resp.blocks.iter().map(Wire::to_pb).collect(),
+            checkpoints: resp.checkpoint.iter().map(Wire::to_pb).collect(),
+        }))
+    }
+
+    async fn get_checkpoint(
+        &self,
+        request: Request<pb::GetCheckpointRequest>,
+    ) -> Result<Response<pb::GetCheckpointResponse>, Status> {
+        let seq = request.into_inner().sequence_num;
+        let cert = self
+            .provider
+            .checkpoint(seq)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(pb::GetCheckpointResponse {
+            found: cert.is_some(),
+            checkpoint: cert.map(|c| c.to_pb()),
+        }))
+    }
+
+    async fn get_status(
+        &self,
+        _: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::GetStatusResponse>, Status> {
+        Ok(Response::new(self.status_pb()))
+    }
+}
+
+/// Blocks from `from` (at most `max`, and within `budget` bytes) plus the latest stable
+/// checkpoint: the answer to a sync request (the seed's SyncState, section 4.4), for both
+/// transports.
+pub fn sync_answer(
+    provider: &dyn StateProvider,
+    from: u64,
+    max: usize,
+    budget: usize,
+) -> Result<SyncResponse, pbft_core::StorageError> {
+    let mut blocks = Vec::new();
+    let mut size = 0;
+    for b in provider.blocks_from(from, max)? {
+        size += b.to_pb().encoded_len();
+        if size > budget && !blocks.is_empty() {
+            break;
+        }
+        blocks.push(b);
+    }
+    let checkpoint = provider.checkpoints()?.into_iter().next_back();
+    Ok(SyncResponse { blocks, checkpoint })
+}
+
+#[tonic::async_trait]
+impl ClientService for GrpcServer {
+    type SubmitStreamStream = BoxStream<pb::Reply>;
+
+    async fn submit(&self, request: Request<pb::Request>) -> Result<Response<pb::Reply>, Status> {
+        self.submit_one(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn submit_stream(
+        &self,
+        request: Request<Streaming<pb::Request>>,
+    ) -> Result<Response<Self::SubmitStreamStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(1024);
+        let this = self.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(req)) = inbound.message().await {
+                let (this, tx) = (this.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let _ = tx.send(this.submit_one(req).await).await;
+                });
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn get_status(
+        &self,
+        _: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::GetStatusResponse>, Status> {
+        Ok(Response::new(self.status_pb()))
+    }
+}
+
+/// Binds the gRPC listener.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}

@@ -1,0 +1,268 @@
+//! A real cluster of `pbft-replica` processes on 127.0.0.x addresses, for integration tests.
+//! Every wait is bounded; processes are killed when the cluster is dropped.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use pbft_client::{Client, ClientOptions};
+use pbft_core::Ed25519Signer;
+use pbft_replica::keys::to_hex;
+use serde_json::Value;
+
+pub const N: usize = 4;
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub transport: &'static str,
+    pub listen: Vec<SocketAddr>,
+    pub http: Vec<SocketAddr>,
+    pub client_addrs: Vec<SocketAddr>,
+    procs: Vec<Option<Child>>,
+}
+
+/// A free port on `ip` (bound then released; the OS will not hand it out again at once).
+fn free_addr(ip: &str) -> SocketAddr {
+    let l = TcpListener::bind(format!("{ip}:0")).expect("bind");
+    l.local_addr().expect("addr")
+}
+
+pub fn replica_secret(i: usize) -> [u8; 32] {
+    [0x10 + i as u8; 32]
+}
+
+pub fn client_secret(c: u64) -> [u8; 32] {
+    [0x80 + c as u8; 32]
+}
+
+impl Cluster {
+    /// Writes keys and configs for a 4-replica cluster and starts every replica.
+    pub fn start(transport: &'static str) -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ips: Vec<String> = (0..N).map(|i| format!("127.0.0.{}", i + 1)).collect();
+        let listen: Vec<SocketAddr> = ips.iter().map(|ip| free_addr(ip)).collect();
+        let http: Vec<SocketAddr> = ips.iter().map(|ip| free_addr(ip)).collect();
+        let client_listen: Vec<SocketAddr> = if transport == "tcp" {
+            ips.iter().map(|ip| free_addr(ip)).collect()
+        } else {
+            listen.clone()
+        };
+        let mut replicas = String::new();
+        for (i, addr) in listen.iter().enumerate() {
+            let pk = to_hex(&Ed25519Signer::from_secret(replica_secret(i)).public().0);
+            replicas.push_str(&format!("  - public_key: {pk}\n    address: {addr}\n"));
+        }
+        let mut clients = String::new();
+        for c in 0..4u64 {
+            let pk = to_hex(&Ed25519Signer::from_secret(client_secret(c)).public().0);
+            clients.push_str(&format!("  - id: {c}\n    public_key: {pk}\n"));
+        }
+        for i in 0..N {
+            let key = dir.path().join(format!("replica-{i}.key"));
+            std::fs::write(&key, to_hex(&replica_secret(i))).expect("write key");
+            let client_line = if transport == "tcp" {
+                format!("client_listen: {}\n", client_listen[i])
+            } else {
+                String::new()
+            };
+            let cfg = format!(
+                "id: {i}\nlisten: {}\n{client_line}http_listen: {}\ndata_dir: {}\nkey_file: {}\ntransport: {transport}\nready_max_lag: 4\nsubmit_timeout_ms: 5000\nprotocol:\n  checkpoint_interval: 8\n  log_window: 32\n  view_change_timeout_ms: 1000\n  retransmit_interval_ms: 200\n  sync_timeout_ms: 1000\n  sync_chunk: 16\nnet:\n  max_message_bytes: 1048576\n  queue_capacity: 64\n  backoff_min_ms: 50\n  backoff_max_ms: 500\nreplicas:\n{replicas}clients:\n{clients}",
+                listen[i],
+                http[i],
+                dir.path().join(format!("data-{i}")).display(),
+                key.display(),
+            );
+            std::fs::write(dir.path().join(format!("replica-{i}.yaml")), cfg).expect("write cfg");
+        }
+        let mut c = Cluster {
+            dir,
+            transport,
+            listen,
+            http,
+            client_addrs: client_listen,
+            procs: (0..N).map(|_| None).collect(),
+        };
+        for i in 0..N {
+            c.start_replica(i);
+        }
+        c
+    }
+
+    pub fn data_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("data-{i}"))
+    }
+
+    pub fn start_replica(&mut self, i: usize) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("replica-{i}.log")))
+            .expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_pbft-replica"))
+            .arg("--config")
+            .arg(self.dir.path().join(format!("replica-{i}.yaml")))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn pbft-replica");
+        self.procs[i] = Some(child);
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut p) = self.procs[i].take() {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+    }
+
+    /// SIGTERM, then the exit status.
+    pub fn terminate(&mut self, i: usize) -> Option<std::process::ExitStatus> {
+        let mut p = self.procs[i].take()?;
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(p.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = p.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = p.kill();
+        p.wait().ok()
+    }
+
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("replica-{i}.log")))
+            .unwrap_or_default()
+    }
+
+    pub fn http_get(&self, i: usize, path: &str) -> Option<(u16, String)> {
+        http_get(self.http[i], path)
+    }
+
+    pub fn status(&self, i: usize) -> Option<Value> {
+        let (code, body) = self.http_get(i, "/status")?;
+        (code == 200).then(|| serde_json::from_str(&body).ok())?
+    }
+
+    pub fn height(&self, i: usize) -> Option<u64> {
+        self.status(i)?.get("height")?.as_u64()
+    }
+
+    /// Waits (bounded) until `cond` holds; panics with `what` and the logs otherwise.
+    pub fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut cond: impl FnMut(&Cluster) -> bool,
+    ) -> Duration {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if cond(self) {
+                return start.elapsed();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let logs: String = (0..N)
+            .map(|i| {
+                format!(
+                    "--- replica {i} status {:?}\n{}",
+                    self.status(i),
+                    tail(&self.log(i), 30)
+                )
+            })
+            .collect();
+        panic!("timed out after {timeout:?} waiting for {what}\n{logs}");
+    }
+
+    pub fn wait_ready(&self, i: usize, timeout: Duration) -> Duration {
+        self.wait_for(&format!("replica {i} ready"), timeout, |c| {
+            c.http_get(i, "/readyz")
+                .is_some_and(|(code, _)| code == 200)
+        })
+    }
+
+    pub fn wait_all_ready(&self) {
+        for i in 0..N {
+            self.wait_ready(i, Duration::from_secs(30));
+        }
+    }
+
+    /// Waits until the given replicas have the same height and head hash, at least `min`.
+    pub fn wait_agree(&self, replicas: &[usize], min: u64, timeout: Duration) -> Duration {
+        self.wait_for(
+            &format!("replicas {replicas:?} to agree at height >= {min}"),
+            timeout,
+            |c| {
+                let s: Vec<Option<Value>> = replicas.iter().map(|i| c.status(*i)).collect();
+                let Some(first) = s[0].as_ref() else {
+                    return false;
+                };
+                let h = first["height"].as_u64().unwrap_or(0);
+                h >= min
+                    && s.iter().all(|x| {
+                        x.as_ref().is_some_and(|x| {
+                            x["height"] == first["height"]
+                                && x["head_hash"] == first["head_hash"]
+                                && x["state_digest"] == first["state_digest"]
+                        })
+                    })
+            },
+        )
+    }
+
+    pub async fn client(&self, id: u64) -> Client {
+        Client::connect(ClientOptions {
+            replicas: self.client_addrs.iter().map(|a| a.to_string()).collect(),
+            client_id: id,
+            secret: client_secret(id),
+            timeout: Duration::from_secs(20),
+            ..ClientOptions::default()
+        })
+        .await
+        .expect("client")
+    }
+
+    /// A metric's value summed over all label sets matching `filter` (e.g. `reason="bad_signature"`).
+    pub fn metric(&self, i: usize, name: &str, filter: &str) -> f64 {
+        let Some((_, body)) = self.http_get(i, "/metrics") else {
+            return 0.0;
+        };
+        body.lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with('#') && l.contains(filter))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..N {
+            self.kill(i);
+        }
+    }
+}
+
+pub fn tail(s: &str, lines: usize) -> String {
+    let v: Vec<&str> = s.lines().collect();
+    v[v.len().saturating_sub(lines)..].join("\n")
+}
+
+/// A bare-bones HTTP/1.0 GET, enough for the sidecar.
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let code = buf.split_whitespace().nth(1)?.parse().ok()?;
+    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    Some((code, body))
+}

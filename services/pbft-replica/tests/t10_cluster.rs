@@ -1,0 +1,147 @@
+//! Multi-process tests: four real `pbft-replica` processes on 127.0.0.1-4, driven by the
+//! client library, killed, restarted and wiped. Each runs on both transports. Recovery times
+//! are printed (run with `--nocapture` to see them).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::Cluster;
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Runtime::new().expect("runtime")
+}
+
+/// Puts `count` keys through `client`, each must succeed.
+fn put_many(
+    rt: &tokio::runtime::Runtime,
+    client: &pbft_client::Client,
+    prefix: &str,
+    count: usize,
+) {
+    rt.block_on(async {
+        for i in 0..count {
+            let key = format!("{prefix}-{i}");
+            client
+                .put(key.as_bytes(), b"value")
+                .await
+                .unwrap_or_else(|e| panic!("put {key}: {e}"));
+        }
+    });
+}
+
+fn commits_and_agrees(transport: &'static str) {
+    let c = Cluster::start(transport);
+    c.wait_all_ready();
+    let rt = rt();
+    let client = rt.block_on(c.client(0));
+    put_many(&rt, &client, "k", 30);
+    let got = rt.block_on(client.get(b"k-7")).expect("get");
+    assert_eq!(got, Some(b"value".to_vec()));
+    let ok = rt
+        .block_on(client.cas(b"k-7", Some(b"value"), b"new"))
+        .expect("cas");
+    assert_eq!(ok, Ok(()));
+    let stale = rt
+        .block_on(client.cas(b"k-7", Some(b"value"), b"newer"))
+        .expect("cas");
+    assert_eq!(stale, Err(Some(b"new".to_vec())));
+    assert!(rt.block_on(client.delete(b"k-7")).expect("delete"));
+    c.wait_agree(&[0, 1, 2, 3], 33, Duration::from_secs(20));
+}
+
+fn backup_restart_catches_up(transport: &'static str) {
+    let mut c = Cluster::start(transport);
+    c.wait_all_ready();
+    let rt = rt();
+    let client = rt.block_on(c.client(1));
+    put_many(&rt, &client, "a", 5);
+    c.kill(3);
+    put_many(&rt, &client, "b", 40);
+    let before = c.height(0).expect("height");
+    c.start_replica(3);
+    let took = c.wait_agree(&[0, 1, 2, 3], before, Duration::from_secs(30));
+    println!("[{transport}] backup restart: caught up {before} blocks in {took:?}");
+    // While it was down, its peers' bounded queues filled and the rest was dropped (counted).
+    assert!(c.metric(0, "pbft_dropped_messages_total", "peer=\"3\"") > 0.0);
+    assert!(
+        c.metric(3, "pbft_synced_blocks_total", "") > 0.0,
+        "caught up through SyncState"
+    );
+}
+
+fn primary_kill_view_change(transport: &'static str) {
+    let mut c = Cluster::start(transport);
+    c.wait_all_ready();
+    let rt = rt();
+    let client = rt.block_on(c.client(2));
+    put_many(&rt, &client, "a", 5);
+    c.kill(0);
+    let start = Instant::now();
+    put_many(&rt, &client, "b", 1);
+    let first_commit = start.elapsed();
+    put_many(&rt, &client, "c", 10);
+    println!("[{transport}] primary killed: first commit after {first_commit:?}");
+    let view = c.status(1).and_then(|s| s["view"].as_u64()).unwrap_or(0);
+    assert!(view >= 1, "view changed (view {view})");
+    c.wait_agree(&[1, 2, 3], 16, Duration::from_secs(20));
+}
+
+fn wiped_replica_state_transfer(transport: &'static str) {
+    let mut c = Cluster::start(transport);
+    c.wait_all_ready();
+    let rt = rt();
+    let client = rt.block_on(c.client(3));
+    put_many(&rt, &client, "a", 40);
+    c.kill(2);
+    std::fs::remove_dir_all(c.data_dir(2)).expect("wipe");
+    let before = c.height(0).expect("height");
+    c.start_replica(2);
+    let took = c.wait_agree(&[0, 1, 2, 3], before, Duration::from_secs(30));
+    println!("[{transport}] wiped replica: state transfer of {before} blocks in {took:?}");
+    // It votes again: with another backup down, progress needs it.
+    c.kill(3);
+    put_many(&rt, &client, "b", 5);
+    c.wait_agree(&[0, 1, 2], before + 5, Duration::from_secs(20));
+}
+
+fn sigterm_exits_cleanly(transport: &'static str) {
+    let mut c = Cluster::start(transport);
+    c.wait_all_ready();
+    let rt = rt();
+    let client = rt.block_on(c.client(0));
+    put_many(&rt, &client, "a", 3);
+    let status = c.terminate(1).expect("exit status");
+    assert!(
+        status.success(),
+        "SIGTERM exit status {status:?}\n{}",
+        c.log(1)
+    );
+    let log = c.log(1);
+    assert!(
+        log.contains("stopped cleanly"),
+        "{}",
+        common::tail(&log, 15)
+    );
+    c.start_replica(1);
+    c.wait_agree(&[0, 1, 2, 3], 3, Duration::from_secs(20));
+}
+
+macro_rules! on_transports {
+    ($($name:ident),* $(,)?) => {
+        mod grpc {
+            $(#[test] fn $name() { super::$name("grpc"); })*
+        }
+        mod tcp {
+            $(#[test] fn $name() { super::$name("tcp"); })*
+        }
+    };
+}
+
+on_transports!(
+    commits_and_agrees,
+    backup_restart_catches_up,
+    primary_kill_view_change,
+    wiped_replica_state_transfer,
+    sigterm_exits_cleanly,
+);
