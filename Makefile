@@ -4,10 +4,15 @@ CARGO ?= cargo
 SEEDS ?= 10000
 START ?= 0
 
-.PHONY: help build test test-unit teeth lint verify fix sim sim-replay check-core-deps run
+.PHONY: help deps build test test-unit teeth lint verify fix sim sim-replay check-core-deps run
 
 help: ## List targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+deps: ## Install the system packages the tests use (promtool, dnsmasq)
+	@if ! command -v promtool >/dev/null || ! command -v dnsmasq >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus dnsmasq-base; \
+	fi
 
 build: ## Build every crate
 	$(CARGO) build --workspace --all-targets
@@ -15,7 +20,7 @@ build: ## Build every crate
 run: ## Run the 4-replica demo cluster (in-process, simulated network) with load and a status view
 	$(CARGO) run --quiet -p pbft-sim -- demo
 
-test: ## Run all tests (unit, handler, 1,024 simulated scenarios, teeth, doc tests)
+test: deps ## Run all tests (unit, handler, 1,024 simulated scenarios, multi-process, teeth, doc tests)
 	$(CARGO) nextest run --workspace --no-fail-fast
 	$(CARGO) nextest run -p pbft-sim --features mutations --test teeth
 	$(CARGO) test --workspace --doc --quiet

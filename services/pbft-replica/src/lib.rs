@@ -6,6 +6,7 @@
 //! node loop persist its last output, closes the streams and returns.
 
 pub mod config;
+pub mod discovery;
 pub mod keys;
 pub mod metrics;
 pub mod node;
@@ -25,6 +26,7 @@ use pbft_core::{Replica, ReplicaId, Storage};
 use tracing::info;
 
 use crate::config::{Config, TransportKind};
+use crate::discovery::PeerResolver;
 use crate::metrics::Metrics;
 use crate::node::Node;
 use crate::status::{PeerTable, SharedStatus};
@@ -86,7 +88,11 @@ pub async fn run(
     info!(id, view = st.view, height = st.last_executed, "recovered");
 
     let peers = peer_addresses(&cfg);
+    let resolver = Arc::new(PeerResolver::new(cfg.statefulset.as_ref())?);
     let metrics = Metrics::new();
+    for (p, _) in peers.iter().filter(|(p, _)| *p != me) {
+        metrics.init_peer(&p.0.to_string());
+    }
     let status = Arc::new(SharedStatus::new(PeerTable::new(
         peers
             .iter()
@@ -124,6 +130,7 @@ pub async fn run(
             let outbound = GrpcOutbound::start(
                 me,
                 peers.clone(),
+                resolver.clone(),
                 handle.clone(),
                 status.clone(),
                 metrics.clone(),
@@ -136,6 +143,7 @@ pub async fn run(
                 .with_context(|| format!("cannot listen on {}", cfg.listen))?;
             info!(addr = %cfg.listen, "gRPC listening");
             let server = GrpcServer {
+                stop: stop_rx.clone(),
                 n: cfg.replicas.len(),
                 node: handle.clone(),
                 provider: provider.clone(),
@@ -165,6 +173,7 @@ pub async fn run(
             let outbound = transport::tcp::TcpOutbound::start(
                 identity.clone(),
                 peers.clone(),
+                resolver.clone(),
                 handle.clone(),
                 status.clone(),
                 metrics.clone(),
@@ -194,6 +203,7 @@ pub async fn run(
                 .with_context(|| format!("cannot listen on {client_addr}"))?;
             info!(addr = %client_addr, "gRPC client API listening");
             let server = GrpcServer {
+                stop: stop_rx.clone(),
                 n: cfg.replicas.len(),
                 node: handle.clone(),
                 provider: provider.clone(),

@@ -1,4 +1,5 @@
-//! `pbft-replica`: parse configuration, start telemetry, run until SIGTERM or Ctrl-C.
+//! `pbft-replica`: parse configuration, start telemetry, run until SIGTERM or Ctrl-C, then
+//! flush the spans still queued for the OTLP collector.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -106,10 +107,13 @@ async fn real_main() -> Result<()> {
         print!("{}", cfg.to_yaml());
         return Ok(());
     }
-    pbft_replica::telemetry::init(cfg.log_format == "json");
     let hostname = std::env::var("HOSTNAME").ok();
     let id = cfg.replica_id(hostname.as_deref())?;
-    pbft_replica::run(cfg, id, shutdown_signal())
+    let telemetry = pbft_replica::telemetry::init(cfg.log_format == "json", Some(id))?;
+    let result = pbft_replica::run(cfg, id, shutdown_signal())
         .await
-        .context("replica failed")
+        .context("replica failed");
+    // Still inside the runtime: the exporter needs it to send its last batch.
+    telemetry.shutdown();
+    result
 }

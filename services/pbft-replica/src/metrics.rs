@@ -84,7 +84,7 @@ impl Metrics {
         .expect("valid metric");
         r.register(Box::new(peer_connected.clone()))
             .expect("unique metric");
-        Metrics {
+        let m = Metrics {
             messages_sent: counter_vec(
                 &r,
                 "pbft_messages_sent_total",
@@ -109,7 +109,11 @@ impl Metrics {
                 "Bytes received from peers",
                 &["peer"],
             ),
-            peer_count: gauge(&r, "pbft_peer_count", "Peers with an open connection"),
+            peer_count: gauge(
+                &r,
+                "pbft_peers_connected",
+                "Peers with an open connection (the seed's PeerCount; promtool forbids a _count suffix on gauges)",
+            ),
             peer_connected,
             connection_errors: counter_vec(
                 &r,
@@ -183,7 +187,25 @@ impl Metrics {
                 LATENCY_BUCKETS.to_vec(),
             ),
             registry: r,
+        };
+        // Export every reason from the start, so dashboards and alerts see zeros, not gaps.
+        for reason in pbft_core::RejectReason::ALL {
+            m.rejected.with_label_values(&[reason.as_str()]);
         }
+        for extra in ["malformed", "oversized", "handshake_failed"] {
+            m.rejected.with_label_values(&[extra]);
+        }
+        m
+    }
+
+    /// Exports a peer's series at zero before anything happens to it, so a peer that was
+    /// never reachable shows up in dashboards and alerts instead of being absent.
+    pub fn init_peer(&self, peer: &str) {
+        self.connection_errors.with_label_values(&[peer]);
+        self.bytes_sent.with_label_values(&[peer]);
+        self.bytes_received.with_label_values(&[peer]);
+        self.peer_connected.with_label_values(&[peer]);
+        self.send_latency.with_label_values(&[peer]);
     }
 
     /// The Prometheus text exposition.

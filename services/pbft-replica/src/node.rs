@@ -12,7 +12,7 @@ use pbft_core::{
     ClientId, Event, Input, Message, Output, Replica, Reply, Request, Source, Storage, Target,
 };
 use tokio::sync::oneshot;
-use tracing::{debug, error, info, warn};
+use tracing::{Span, debug, error, info, info_span, warn};
 
 use crate::metrics::Metrics;
 use crate::status::{SharedStatus, StatusView};
@@ -67,6 +67,31 @@ pub enum NodeError {
 struct Waiter {
     tx: oneshot::Sender<Reply>,
     since: Instant,
+}
+
+/// The span over carrying out an output that executed blocks (usually one): making them
+/// durable and answering their clients. `height` and `view` are the last block's.
+fn execute_span(events: &[Event]) -> Span {
+    let mut blocks = 0usize;
+    let (mut height, mut requests, mut view) = (0u64, 0usize, 0u64);
+    for e in events {
+        if let Event::Executed {
+            height: h,
+            requests: r,
+            view: v,
+            ..
+        } = e
+        {
+            blocks += 1;
+            height = *h;
+            requests += *r;
+            view = *v;
+        }
+    }
+    if blocks == 0 {
+        return Span::none();
+    }
+    info_span!("execute", height, requests, view, blocks)
 }
 
 /// The node loop's state.
@@ -175,6 +200,7 @@ impl Node {
         }
         let out = self.replica.take_output();
         if !out.persist.is_empty() {
+            let _persist = info_span!("persist", ops = out.persist.len()).entered();
             self.store.persist(&out.persist)?;
         }
         info!("node loop stopped; storage flushed");
@@ -205,7 +231,10 @@ impl Node {
 
     /// Carries out one output: persist, then send, then reply.
     fn execute(&mut self, out: Output) -> Result<(), NodeError> {
+        // Outputs that executed no block (most of them: prepares, commits) get no span.
+        let _execute = execute_span(&out.events).entered();
         if !out.persist.is_empty() {
+            let _persist = info_span!("persist", ops = out.persist.len()).entered();
             let t = Instant::now();
             if let Err(e) = self.store.persist(&out.persist) {
                 error!(error = %e, "persist failed");

@@ -21,6 +21,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
 use super::{Backoff, Outbound, SendError, node_name, parse_node_name};
+use crate::discovery::PeerResolver;
 use crate::metrics::Metrics;
 use crate::node::{Inbound, NodeHandle};
 use crate::status::SharedStatus;
@@ -57,10 +58,13 @@ pub struct GrpcOutbound {
 }
 
 impl GrpcOutbound {
-    /// Starts one dialler per peer. `peers` are (id, "host:port").
+    /// Starts one dialler per peer. `peers` are (id, "host:port"), looked up through
+    /// `resolver` on every dial.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         me: ReplicaId,
         peers: Vec<(ReplicaId, String)>,
+        resolver: Arc<PeerResolver>,
         node: NodeHandle,
         status: Arc<SharedStatus>,
         metrics: Metrics,
@@ -78,6 +82,7 @@ impl GrpcOutbound {
                 me,
                 peer: id,
                 addr,
+                resolver: resolver.clone(),
                 rx,
                 channel: channel.clone(),
                 status: status.clone(),
@@ -204,6 +209,7 @@ struct Dialler {
     me: ReplicaId,
     peer: ReplicaId,
     addr: String,
+    resolver: Arc<PeerResolver>,
     rx: mpsc::Receiver<pb::PbftMessage>,
     channel: Arc<RwLock<Option<Channel>>>,
     status: Arc<SharedStatus>,
@@ -285,7 +291,14 @@ impl Dialler {
         ),
         String,
     > {
-        let endpoint = Endpoint::from_shared(format!("http://{}", self.addr))
+        // Looked up on every dial: a rescheduled pod comes back under a new address.
+        let remote = self
+            .resolver
+            .resolve(&self.addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        debug!(peer = self.peer.0, addr = %self.addr, %remote, "dialling peer");
+        let endpoint = Endpoint::from_shared(format!("http://{remote}"))
             .map_err(|e| e.to_string())?
             .connect_timeout(self.settings.dial_timeout)
             .tcp_nodelay(true);
@@ -376,6 +389,8 @@ pub fn pb_kind(m: &pb::PbftMessage) -> &'static str {
 #[derive(Clone)]
 pub struct GrpcServer {
     pub n: usize,
+    /// Set on shutdown: open message streams end so the server can drain.
+    pub stop: tokio::sync::watch::Receiver<bool>,
     pub node: NodeHandle,
     pub provider: Provider,
     pub status: Arc<SharedStatus>,
@@ -458,6 +473,12 @@ impl GrpcServer {
         }
     }
 
+    /// One client request's life in this replica: from arrival until executed (or given up).
+    #[tracing::instrument(
+        name = "submit",
+        skip_all,
+        fields(client = req.client_id, timestamp = req.timestamp)
+    )]
     async fn submit_one(&self, req: pb::Request) -> Result<pb::Reply, Status> {
         let request = pbft_core::Request::from_pb(req)
             .map_err(|e| Status::invalid_argument(format!("malformed request: {e}")))?;
@@ -493,12 +514,28 @@ impl PbftService for GrpcServer {
         // The response side stays open (and silent) for as long as the peer's side is: its
         // end tells the peer the link is gone.
         let (keep_tx, keep_rx) = mpsc::channel::<Result<pb::PbftMessage, Status>>(1);
+        let mut stop = self.stop.clone();
         tokio::spawn(async move {
             loop {
-                match inbound.message().await {
+                let next = tokio::select! {
+                    m = inbound.message() => m,
+                    // On shutdown end the stream, so the server's graceful drain finishes.
+                    _ = stop.wait_for(|s| *s) => break,
+                };
+                match next {
                     Ok(Some(envelope)) => this.receive(&envelope),
                     Ok(None) => break,
                     Err(status) => {
+                        // tonic refuses frames over the size limit before decoding them.
+                        if matches!(
+                            status.code(),
+                            tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+                        ) {
+                            this.metrics
+                                .rejected
+                                .with_label_values(&["oversized"])
+                                .inc();
+                        }
                         debug!(%status, "inbound stream ended with error");
                         break;
                     }

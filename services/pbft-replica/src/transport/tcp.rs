@@ -31,6 +31,7 @@ use tracing::{debug, info, warn};
 
 use super::grpc::{pb_kind, sync_answer};
 use super::{Backoff, Outbound, SendError, node_name};
+use crate::discovery::PeerResolver;
 use crate::metrics::Metrics;
 use crate::node::{Inbound, NodeHandle};
 use crate::status::SharedStatus;
@@ -200,10 +201,13 @@ pub struct TcpOutbound {
 }
 
 impl TcpOutbound {
+    /// Starts one dialler per peer. `peers` are (id, "host:port"), looked up through
+    /// `resolver` on every dial.
     #[allow(clippy::too_many_arguments)]
     pub fn start(
         id: Identity,
         peers: Vec<(ReplicaId, String)>,
+        resolver: Arc<PeerResolver>,
         node: NodeHandle,
         status: Arc<SharedStatus>,
         metrics: Metrics,
@@ -220,6 +224,7 @@ impl TcpOutbound {
                 id.clone(),
                 peer,
                 addr,
+                resolver.clone(),
                 rx,
                 node.clone(),
                 status.clone(),
@@ -287,6 +292,7 @@ async fn dial_loop(
     id: Identity,
     peer: ReplicaId,
     addr: String,
+    resolver: Arc<PeerResolver>,
     mut rx: mpsc::Receiver<pb::PbftMessage>,
     node: NodeHandle,
     status: Arc<SharedStatus>,
@@ -303,7 +309,10 @@ async fn dial_loop(
     let mut failures = 0u64;
     while !shutdown.load(Ordering::Relaxed) {
         let attempt = async {
-            let stream = tokio::time::timeout(settings.dial_timeout, TcpStream::connect(&addr))
+            // Looked up on every dial: a rescheduled pod comes back under a new address.
+            let remote = resolver.resolve(&addr).await.map_err(|e| e.to_string())?;
+            debug!(peer = peer.0, %addr, %remote, "dialling peer (tcp)");
+            let stream = tokio::time::timeout(settings.dial_timeout, TcpStream::connect(remote))
                 .await
                 .map_err(|_| "dial timed out".to_string())?
                 .map_err(|e| e.to_string())?;
@@ -502,7 +511,11 @@ async fn handle_connection(
             }
             Some(Err(e)) => {
                 // Oversized frames and broken framing end the connection; the peer redials.
-                metrics.rejected.with_label_values(&["malformed"]).inc();
+                let oversized = e.get_ref().is_some_and(|inner| {
+                    inner.is::<tokio_util::codec::LengthDelimitedCodecError>()
+                });
+                let reason = if oversized { "oversized" } else { "malformed" };
+                metrics.rejected.with_label_values(&[reason]).inc();
                 warn!(peer = peer.0, error = %e, "bad frame; closing connection");
                 return;
             }

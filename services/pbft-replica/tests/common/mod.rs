@@ -15,6 +15,29 @@ use serde_json::Value;
 
 pub const N: usize = 4;
 
+/// What a test cluster's configuration changes from the default (listed peer addresses,
+/// one port per replica, no extra environment).
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Extra environment for every replica process (after `RUST_LOG`, so it may override it).
+    pub env: Vec<(String, String)>,
+    /// Peers derived from StatefulSet naming instead of listed addresses.
+    pub statefulset: Option<StatefulSetOptions>,
+}
+
+/// StatefulSet mode: the replicas' configs name no peer addresses; every replica listens on
+/// one shared port on its own 127.0.0.x, and peers are found as [`statefulset_host`] through
+/// `dns_server`.
+#[derive(Clone, Debug)]
+pub struct StatefulSetOptions {
+    pub dns_server: SocketAddr,
+}
+
+/// The DNS name StatefulSet naming gives replica `i` in test clusters.
+pub fn statefulset_host(i: usize) -> String {
+    format!("pbft-{i}.pbft-headless.default.svc.cluster.local")
+}
+
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub transport: &'static str,
@@ -22,12 +45,42 @@ pub struct Cluster {
     pub http: Vec<SocketAddr>,
     pub client_addrs: Vec<SocketAddr>,
     procs: Vec<Option<Child>>,
+    /// Extra environment for every replica process (after `RUST_LOG`, so it may override it).
+    env: Vec<(String, String)>,
 }
 
-/// A free port on `ip` (bound then released; the OS will not hand it out again at once).
-fn free_addr(ip: &str) -> SocketAddr {
-    let l = TcpListener::bind(format!("{ip}:0")).expect("bind");
-    l.local_addr().expect("addr")
+/// A free port on `ip`, chosen below the kernel's ephemeral range (32768+) so that no
+/// outgoing connection of a running replica can take it between now and its bind.
+pub fn free_addr(ip: &str) -> SocketAddr {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let seed = u64::from(std::process::id()) * 7919
+        + std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos() as u64)
+            .unwrap_or(0);
+    for _ in 0..10_000 {
+        let k = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 10_000 + (seed.wrapping_add(k * 104_729) % 22_000) as u16;
+        if let Ok(l) = TcpListener::bind(format!("{ip}:{port}")) {
+            return l.local_addr().expect("addr");
+        }
+    }
+    panic!("no free port on {ip}");
+}
+
+/// A port free on every one of `ips`: StatefulSet naming gives all peers the same port.
+pub fn shared_port(ips: &[String]) -> u16 {
+    for _ in 0..100 {
+        let port = free_addr(&ips[0]).port();
+        if ips[1..]
+            .iter()
+            .all(|ip| TcpListener::bind(format!("{ip}:{port}")).is_ok())
+        {
+            return port;
+        }
+    }
+    panic!("no port free on all of {ips:?}");
 }
 
 pub fn replica_secret(i: usize) -> [u8; 32] {
@@ -41,9 +94,36 @@ pub fn client_secret(c: u64) -> [u8; 32] {
 impl Cluster {
     /// Writes keys and configs for a 4-replica cluster and starts every replica.
     pub fn start(transport: &'static str) -> Cluster {
+        Cluster::start_with_env(transport, &[])
+    }
+
+    /// As [`Cluster::start`], with extra environment variables for every replica process.
+    pub fn start_with_env(transport: &'static str, env: &[(&str, &str)]) -> Cluster {
+        Cluster::start_with(
+            transport,
+            Options {
+                env: env
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                ..Options::default()
+            },
+        )
+    }
+
+    /// As [`Cluster::start`], with the configuration changes in `opts`.
+    pub fn start_with(transport: &'static str, opts: Options) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let ips: Vec<String> = (0..N).map(|i| format!("127.0.0.{}", i + 1)).collect();
-        let listen: Vec<SocketAddr> = ips.iter().map(|ip| free_addr(ip)).collect();
+        let listen: Vec<SocketAddr> = match &opts.statefulset {
+            None => ips.iter().map(|ip| free_addr(ip)).collect(),
+            Some(_) => {
+                let port = shared_port(&ips);
+                ips.iter()
+                    .map(|ip| format!("{ip}:{port}").parse().expect("addr"))
+                    .collect()
+            }
+        };
         let http: Vec<SocketAddr> = ips.iter().map(|ip| free_addr(ip)).collect();
         let client_listen: Vec<SocketAddr> = if transport == "tcp" {
             ips.iter().map(|ip| free_addr(ip)).collect()
@@ -53,8 +133,20 @@ impl Cluster {
         let mut replicas = String::new();
         for (i, addr) in listen.iter().enumerate() {
             let pk = to_hex(&Ed25519Signer::from_secret(replica_secret(i)).public().0);
-            replicas.push_str(&format!("  - public_key: {pk}\n    address: {addr}\n"));
+            if opts.statefulset.is_some() {
+                replicas.push_str(&format!("  - public_key: {pk}\n"));
+            } else {
+                replicas.push_str(&format!("  - public_key: {pk}\n    address: {addr}\n"));
+            }
         }
+        let statefulset = match &opts.statefulset {
+            None => String::new(),
+            Some(s) => format!(
+                "statefulset:\n  name: pbft\n  headless_service: pbft-headless\n  namespace: default\n  cluster_domain: cluster.local\n  port: {}\n  dns_server: {}\n",
+                listen[0].port(),
+                s.dns_server
+            ),
+        };
         let mut clients = String::new();
         for c in 0..4u64 {
             let pk = to_hex(&Ed25519Signer::from_secret(client_secret(c)).public().0);
@@ -69,7 +161,7 @@ impl Cluster {
                 String::new()
             };
             let cfg = format!(
-                "id: {i}\nlisten: {}\n{client_line}http_listen: {}\ndata_dir: {}\nkey_file: {}\ntransport: {transport}\nready_max_lag: 4\nsubmit_timeout_ms: 5000\nprotocol:\n  checkpoint_interval: 8\n  log_window: 32\n  view_change_timeout_ms: 1000\n  retransmit_interval_ms: 200\n  sync_timeout_ms: 1000\n  sync_chunk: 16\nnet:\n  max_message_bytes: 1048576\n  queue_capacity: 64\n  backoff_min_ms: 50\n  backoff_max_ms: 500\nreplicas:\n{replicas}clients:\n{clients}",
+                "id: {i}\nlisten: {}\n{client_line}http_listen: {}\ndata_dir: {}\nkey_file: {}\ntransport: {transport}\nready_max_lag: 4\nsubmit_timeout_ms: 5000\nprotocol:\n  checkpoint_interval: 8\n  log_window: 32\n  view_change_timeout_ms: 1000\n  retransmit_interval_ms: 200\n  sync_timeout_ms: 1000\n  sync_chunk: 16\nnet:\n  max_message_bytes: 1048576\n  queue_capacity: 64\n  backoff_min_ms: 50\n  backoff_max_ms: 500\nreplicas:\n{replicas}clients:\n{clients}{statefulset}",
                 listen[i],
                 http[i],
                 dir.path().join(format!("data-{i}")).display(),
@@ -84,6 +176,7 @@ impl Cluster {
             http,
             client_addrs: client_listen,
             procs: (0..N).map(|_| None).collect(),
+            env: opts.env,
         };
         for i in 0..N {
             c.start_replica(i);
@@ -105,6 +198,7 @@ impl Cluster {
             .arg("--config")
             .arg(self.dir.path().join(format!("replica-{i}.yaml")))
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
