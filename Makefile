@@ -4,7 +4,7 @@ CARGO ?= cargo
 SEEDS ?= 10000
 START ?= 0
 
-.PHONY: help deps build test test-unit teeth lint verify fix sim sim-replay check-core-deps run
+.PHONY: help deps build sim-demo test test-unit teeth lint verify fix sim sim-replay check-core-deps run
 
 help: ## List targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -17,7 +17,11 @@ deps: ## Install the system packages the tests use (promtool, dnsmasq)
 build: ## Build every crate
 	$(CARGO) build --workspace --all-targets
 
-run: ## Run the 4-replica demo cluster (in-process, simulated network) with load and a status view
+run: ## Build, then start a local 4-replica cluster with demo load and a live status view (Ctrl-C stops)
+	$(CARGO) build -p pbft-replica -p pbft-client
+	./target/debug/pbft --data .pbft up --load 100
+
+sim-demo: ## The same cluster in one process over the simulator's network (virtual time)
 	$(CARGO) run --quiet -p pbft-sim -- demo
 
 test: deps ## Run all tests (unit, handler, 1,024 simulated scenarios, multi-process, teeth, doc tests)

@@ -16,6 +16,8 @@
 //! # Ok(()) }
 //! ```
 
+pub mod cli;
+
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

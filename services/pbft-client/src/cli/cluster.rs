@@ -1,0 +1,196 @@
+//! A local cluster's layout on disk: `cluster.yaml` (addresses and public keys, read by every
+//! command), per-replica configs, and key files. `pbft up` writes it once and reuses it, so
+//! running `pbft up` again resumes the same cluster with the same data.
+
+use std::fs;
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use pbft_core::Ed25519Signer;
+use serde::{Deserialize, Serialize};
+
+/// One replica of a local cluster.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReplicaInfo {
+    pub id: u32,
+    /// Replica-to-replica listener.
+    pub listen: SocketAddr,
+    /// gRPC client API (equal to `listen` under the gRPC transport).
+    pub client: SocketAddr,
+    /// HTTP sidecar.
+    pub http: SocketAddr,
+    pub public_key: String,
+}
+
+/// `cluster.yaml`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ClusterFile {
+    pub transport: String,
+    pub replicas: Vec<ReplicaInfo>,
+    /// The client id the CLI uses; its secret is in `keys/client-<id>.key`.
+    pub client_id: u64,
+    /// Extra client ids registered for load generation (`bench`, demo load).
+    pub load_clients: Vec<u64>,
+}
+
+pub fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn parse_hex32(text: &str) -> Option<[u8; 32]> {
+    let t = text.trim();
+    if t.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, c) in t.as_bytes().chunks(2).enumerate() {
+        out[i] = u8::from_str_radix(std::str::from_utf8(c).ok()?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// 32 random bytes from the operating system.
+pub fn random_secret() -> Result<[u8; 32]> {
+    let mut f =
+        fs::File::open("/dev/urandom").context("cannot open /dev/urandom for key generation")?;
+    let mut out = [0u8; 32];
+    f.read_exact(&mut out).context("cannot read /dev/urandom")?;
+    Ok(out)
+}
+
+/// Reads a secret key file (64 hex characters).
+pub fn read_secret(path: &Path) -> Result<[u8; 32]> {
+    let text = fs::read_to_string(path)
+        .with_context(|| format!("cannot read key file {}", path.display()))?;
+    parse_hex32(&text).with_context(|| {
+        format!(
+            "{} is not a key (expected 64 hex characters)",
+            path.display()
+        )
+    })
+}
+
+fn write_secret(path: &Path, secret: &[u8; 32]) -> Result<()> {
+    fs::write(path, to_hex(secret)).with_context(|| format!("cannot write {}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = fs::set_permissions(path, fs::Permissions::from_mode(0o600));
+    }
+    Ok(())
+}
+
+impl ClusterFile {
+    pub fn path(dir: &Path) -> PathBuf {
+        dir.join("cluster.yaml")
+    }
+
+    /// Loads the layout `pbft up` wrote.
+    pub fn load(dir: &Path) -> Result<ClusterFile> {
+        let path = Self::path(dir);
+        let text = fs::read_to_string(&path).with_context(|| {
+            format!(
+                "no cluster at {} (start one with `pbft up --data {}`)",
+                dir.display(),
+                dir.display()
+            )
+        })?;
+        serde_saphyr::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("invalid {}: {e}", path.display()))
+    }
+
+    pub fn client_secret(&self, dir: &Path, id: u64) -> Result<[u8; 32]> {
+        read_secret(&dir.join("keys").join(format!("client-{id}.key")))
+    }
+
+    pub fn client_addrs(&self) -> Vec<String> {
+        self.replicas.iter().map(|r| r.client.to_string()).collect()
+    }
+
+    /// Creates keys and configs for a new cluster of `n` replicas on 127.0.0.1..n.
+    pub fn generate(dir: &Path, n: usize, transport: &str, base_port: u16) -> Result<ClusterFile> {
+        if n < 4 || (n - 1) % 3 != 0 {
+            bail!("--replicas must be 3f+1 with f >= 1 (4, 7, 10, ...), got {n}");
+        }
+        if n > 250 {
+            bail!("--replicas {n} is more than this machine's loopback plan supports (250)");
+        }
+        let keys = dir.join("keys");
+        fs::create_dir_all(&keys).with_context(|| format!("cannot create {}", keys.display()))?;
+        let mut replicas = Vec::new();
+        for i in 0..n {
+            let secret = random_secret()?;
+            write_secret(&keys.join(format!("replica-{i}.key")), &secret)?;
+            let ip = format!("127.0.0.{}", i + 1);
+            let listen: SocketAddr = format!("{ip}:{base_port}").parse()?;
+            let client = if transport == "tcp" {
+                format!("{ip}:{}", base_port + 2).parse()?
+            } else {
+                listen
+            };
+            replicas.push(ReplicaInfo {
+                id: i as u32,
+                listen,
+                client,
+                http: format!("{ip}:{}", base_port + 1).parse()?,
+                public_key: to_hex(&Ed25519Signer::from_secret(secret).public().0),
+            });
+        }
+        let client_ids: Vec<u64> = (0..65).collect();
+        let mut clients = Vec::new();
+        for id in &client_ids {
+            let secret = random_secret()?;
+            write_secret(&keys.join(format!("client-{id}.key")), &secret)?;
+            clients.push((*id, to_hex(&Ed25519Signer::from_secret(secret).public().0)));
+        }
+        let file = ClusterFile {
+            transport: transport.to_string(),
+            replicas,
+            client_id: 0,
+            load_clients: client_ids[1..].to_vec(),
+        };
+        for r in &file.replicas {
+            let cfg = replica_config(dir, &file, r, &clients);
+            fs::write(dir.join(format!("replica-{}.yaml", r.id)), cfg)?;
+        }
+        let yaml = serde_saphyr::to_string(&file).map_err(|e| anyhow::anyhow!("{e}"))?;
+        fs::write(Self::path(dir), yaml)?;
+        Ok(file)
+    }
+}
+
+fn replica_config(
+    dir: &Path,
+    c: &ClusterFile,
+    r: &ReplicaInfo,
+    clients: &[(u64, String)],
+) -> String {
+    let mut out = format!(
+        "# Written by `pbft up`; see docs/CONFIG.md.\nid: {}\nlisten: {}\nhttp_listen: {}\ndata_dir: {}\nkey_file: {}\ntransport: {}\n",
+        r.id,
+        r.listen,
+        r.http,
+        dir.join(format!("data-{}", r.id)).display(),
+        dir.join("keys")
+            .join(format!("replica-{}.key", r.id))
+            .display(),
+        c.transport,
+    );
+    if c.transport == "tcp" {
+        out.push_str(&format!("client_listen: {}\n", r.client));
+    }
+    out.push_str("replicas:\n");
+    for p in &c.replicas {
+        out.push_str(&format!(
+            "  - public_key: {}\n    address: {}\n",
+            p.public_key, p.listen
+        ));
+    }
+    out.push_str("clients:\n");
+    for (id, pk) in clients {
+        out.push_str(&format!("  - id: {id}\n    public_key: {pk}\n"));
+    }
+    out
+}

@@ -1,0 +1,306 @@
+//! The everyday commands: key-value operations, cluster status, key generation and ledger
+//! verification.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use pbft_api::convert::Wire;
+use pbft_api::pb;
+use pbft_core::{Block, Digest, Ed25519Signer, KeyRing, PublicKey};
+use serde_json::json;
+
+use super::cluster::{ClusterFile, parse_hex32, random_secret, to_hex};
+use super::{OutputFormat, exit, http};
+use crate::{Client, ClientError, ClientOptions};
+
+/// A command's printable outcome and exit code.
+pub struct Outcome {
+    pub code: i32,
+}
+
+fn show(output: OutputFormat, value: serde_json::Value, table: String) {
+    match output {
+        OutputFormat::Json => println!("{value}"),
+        OutputFormat::Table => print!("{table}"),
+    }
+}
+
+async fn client(dir: &Path, timeout: Duration) -> Result<Client> {
+    let c = ClusterFile::load(dir)?;
+    Ok(Client::connect(ClientOptions {
+        replicas: c.client_addrs(),
+        client_id: c.client_id,
+        secret: c.client_secret(dir, c.client_id)?,
+        timeout,
+        ..ClientOptions::default()
+    })
+    .await?)
+}
+
+/// Maps client errors to exit codes: unavailability is distinct from other failures.
+pub fn error_code(e: &anyhow::Error) -> i32 {
+    match e.downcast_ref::<ClientError>() {
+        Some(ClientError::NoQuorum { .. }) => exit::UNAVAILABLE,
+        _ => exit::ERROR,
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+pub async fn put(
+    dir: &Path,
+    key: &str,
+    value: &str,
+    out: OutputFormat,
+    timeout: Duration,
+) -> Result<Outcome> {
+    client(dir, timeout)
+        .await?
+        .put(key.as_bytes(), value.as_bytes())
+        .await?;
+    show(out, json!({"key": key, "written": true}), "OK\n".into());
+    Ok(Outcome { code: exit::OK })
+}
+
+pub async fn get(dir: &Path, key: &str, out: OutputFormat, timeout: Duration) -> Result<Outcome> {
+    let v = client(dir, timeout).await?.get(key.as_bytes()).await?;
+    match v {
+        Some(v) => {
+            show(
+                out,
+                json!({"key": key, "value": text(&v)}),
+                format!("{}\n", text(&v)),
+            );
+            Ok(Outcome { code: exit::OK })
+        }
+        None => {
+            show(out, json!({"key": key, "value": null}), String::new());
+            eprintln!("key {key:?} not found");
+            Ok(Outcome {
+                code: exit::NOT_FOUND,
+            })
+        }
+    }
+}
+
+pub async fn del(dir: &Path, key: &str, out: OutputFormat, timeout: Duration) -> Result<Outcome> {
+    let existed = client(dir, timeout).await?.delete(key.as_bytes()).await?;
+    show(
+        out,
+        json!({"key": key, "existed": existed}),
+        if existed {
+            "deleted\n".into()
+        } else {
+            "no such key\n".into()
+        },
+    );
+    Ok(Outcome {
+        code: if existed { exit::OK } else { exit::NOT_FOUND },
+    })
+}
+
+pub async fn cas(
+    dir: &Path,
+    key: &str,
+    expected: Option<&str>,
+    new: &str,
+    out: OutputFormat,
+    timeout: Duration,
+) -> Result<Outcome> {
+    let r = client(dir, timeout)
+        .await?
+        .cas(key.as_bytes(), expected.map(str::as_bytes), new.as_bytes())
+        .await?;
+    match r {
+        Ok(()) => {
+            show(out, json!({"key": key, "swapped": true}), "OK\n".into());
+            Ok(Outcome { code: exit::OK })
+        }
+        Err(current) => {
+            let cur = current.as_deref().map(text);
+            show(
+                out,
+                json!({"key": key, "swapped": false, "current": cur}),
+                format!(
+                    "mismatch: current value is {}\n",
+                    cur.as_deref().map_or("absent".into(), |c| format!("{c:?}"))
+                ),
+            );
+            Ok(Outcome {
+                code: exit::CAS_MISMATCH,
+            })
+        }
+    }
+}
+
+pub fn status(dir: &Path, out: OutputFormat) -> Result<Outcome> {
+    let c = ClusterFile::load(dir)?;
+    let rows: Vec<serde_json::Value> = c
+        .replicas
+        .iter()
+        .map(|r| http::status(r.http).unwrap_or_else(|| json!({"id": r.id, "down": true})))
+        .collect();
+    let mut table =
+        String::from("replica  view  primary  height    stable    lag   peers  state\n");
+    let top = rows
+        .iter()
+        .filter_map(|s| s["height"].as_u64())
+        .max()
+        .unwrap_or(0);
+    for (r, s) in c.replicas.iter().zip(&rows) {
+        if s["down"] == true {
+            table.push_str(&format!(
+                "r{:<7} -     -        -         -         -     -      down ({})\n",
+                r.id, r.http
+            ));
+            continue;
+        }
+        let h = s["height"].as_u64().unwrap_or(0);
+        let peers = s["peers"]
+            .as_array()
+            .map_or(0, |a| a.iter().filter(|p| p["connected"] == true).count());
+        table.push_str(&format!(
+            "r{:<7} {:<5} r{:<7} {:<9} {:<9} {:<5} {:<6} {}\n",
+            r.id,
+            s["view"],
+            s["primary"],
+            h,
+            s["stable_checkpoint"],
+            top.saturating_sub(h),
+            peers,
+            if s["view_change_in_progress"] == true {
+                "view change"
+            } else {
+                "up"
+            }
+        ));
+    }
+    let down = rows.iter().filter(|s| s["down"] == true).count();
+    show(out, json!({"replicas": rows}), table);
+    let f = (c.replicas.len() - 1) / 3;
+    Ok(Outcome {
+        code: if down > f {
+            exit::UNAVAILABLE
+        } else {
+            exit::OK
+        },
+    })
+}
+
+pub fn keygen(out_file: Option<&Path>, output: OutputFormat) -> Result<Outcome> {
+    let secret = random_secret()?;
+    let public = to_hex(&Ed25519Signer::from_secret(secret).public().0);
+    if let Some(path) = out_file {
+        if path.exists() {
+            bail!("{} exists; refusing to overwrite a key", path.display());
+        }
+        std::fs::write(path, to_hex(&secret))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+        }
+        show(
+            output,
+            json!({"public_key": public, "secret_file": path}),
+            format!(
+                "public key {public}\nsecret key written to {}\n",
+                path.display()
+            ),
+        );
+    } else {
+        show(
+            output,
+            json!({"public_key": public, "secret_key": to_hex(&secret)}),
+            format!("public key {public}\nsecret key {}\n", to_hex(&secret)),
+        );
+    }
+    Ok(Outcome { code: exit::OK })
+}
+
+/// Walks replica `replica`'s chain from genesis through SyncState, checking every hash link
+/// and commit certificate; names the first bad block.
+pub async fn verify_ledger(dir: &Path, replica: u32, out: OutputFormat) -> Result<Outcome> {
+    let c = ClusterFile::load(dir)?;
+    let r = c
+        .replicas
+        .iter()
+        .find(|r| r.id == replica)
+        .with_context(|| format!("no replica {replica} in this cluster"))?;
+    let keys = c
+        .replicas
+        .iter()
+        .map(|r| {
+            parse_hex32(&r.public_key)
+                .map(PublicKey)
+                .context("bad public key in cluster.yaml")
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let ring = KeyRing::new(&keys)?;
+    let n = c.replicas.len();
+    let quorum = 2 * ((n - 1) / 3) + 1;
+    // The replica's peer API: its listen address under gRPC (under TCP, the client port
+    // serves the same gRPC services).
+    let addr = if c.transport == "tcp" {
+        r.client
+    } else {
+        r.listen
+    };
+    let mut api = pb::pbft_service_client::PbftServiceClient::connect(format!("http://{addr}"))
+        .await
+        .with_context(|| format!("cannot reach replica {replica} at {addr}"))?
+        .max_decoding_message_size(64 << 20);
+    let mut prev = Digest::ZERO;
+    let mut height = 1u64;
+    loop {
+        let resp = api
+            .sync_state(pb::SyncStateRequest {
+                from_height: height,
+                max_blocks: 256,
+                node_id: "pbft-cli".into(),
+            })
+            .await
+            .with_context(|| format!("SyncState from replica {replica}"))?
+            .into_inner();
+        if resp.blocks.is_empty() {
+            break;
+        }
+        for b in resp.blocks {
+            let at = b.height;
+            let block = match Block::from_pb(b) {
+                Ok(b) => b,
+                Err(e) => return bad(out, replica, at, &format!("undecodable: {e}")),
+            };
+            if let Err(e) = block.verify(height, &prev, n, quorum, &ring) {
+                return bad(out, replica, height, &e.to_string());
+            }
+            prev = block.hash();
+            height += 1;
+        }
+    }
+    let blocks = height - 1;
+    show(
+        out,
+        json!({"replica": replica, "valid": true, "blocks": blocks, "head_hash": prev.to_hex()}),
+        format!(
+            "ledger of replica {replica}: {blocks} blocks, every link and certificate valid; head {}\n",
+            prev.to_hex()
+        ),
+    );
+    Ok(Outcome { code: exit::OK })
+}
+
+fn bad(out: OutputFormat, replica: u32, height: u64, why: &str) -> Result<Outcome> {
+    show(
+        out,
+        json!({"replica": replica, "valid": false, "first_bad_block": height, "reason": why}),
+        format!("ledger of replica {replica}: first bad block is {height}: {why}\n"),
+    );
+    Ok(Outcome {
+        code: exit::LEDGER_INVALID,
+    })
+}

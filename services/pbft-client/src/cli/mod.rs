@@ -1,0 +1,28 @@
+//! The `pbft` command line: cluster layout on disk, the local cluster (`pbft up`), and the
+//! everyday commands.
+
+pub mod cluster;
+pub mod commands;
+pub mod http;
+pub mod up;
+
+/// Exit codes scripts can rely on.
+pub mod exit {
+    pub const OK: i32 = 0;
+    pub const ERROR: i32 = 1;
+    /// No quorum answered in time: the cluster is down or partitioned.
+    pub const UNAVAILABLE: i32 = 3;
+    /// `get` of a key that does not exist.
+    pub const NOT_FOUND: i32 = 4;
+    /// `cas` found a different value.
+    pub const CAS_MISMATCH: i32 = 5;
+    /// `verify-ledger` found a bad block.
+    pub const LEDGER_INVALID: i32 = 6;
+}
+
+/// How commands print data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    Table,
+    Json,
+}

@@ -1,0 +1,355 @@
+//! `pbft up`: a local cluster of replica processes on 127.0.0.1..n, optional demo load, and
+//! a live status view. Ctrl-C stops every replica cleanly; running it again resumes from the
+//! same data directory.
+
+use std::fs;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use super::cluster::ClusterFile;
+use super::http;
+use crate::{Client, ClientOptions};
+
+/// Options of `pbft up`.
+pub struct UpArgs {
+    pub replicas: usize,
+    pub data: PathBuf,
+    pub transport: String,
+    pub base_port: u16,
+    /// Requests per second of demo load (0: none).
+    pub load: u64,
+    /// Stop by itself after this long (default: until Ctrl-C).
+    pub duration: Option<Duration>,
+    pub replica_bin: Option<PathBuf>,
+}
+
+struct Proc {
+    id: u32,
+    child: Option<Child>,
+    exit: Option<String>,
+}
+
+fn replica_binary(explicit: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = explicit {
+        return Ok(p.to_path_buf());
+    }
+    let exe = std::env::current_exe().context("cannot locate the pbft executable")?;
+    let sibling = exe.with_file_name("pbft-replica");
+    if sibling.is_file() {
+        return Ok(sibling);
+    }
+    bail!(
+        "cannot find pbft-replica next to {} (build it: cargo build -p pbft-replica, or pass --replica-bin)",
+        exe.display()
+    )
+}
+
+fn spawn(bin: &Path, dir: &Path, id: u32) -> Result<Child> {
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("replica-{id}.log")))
+        .context("cannot open replica log")?;
+    Command::new(bin)
+        .arg("--config")
+        .arg(dir.join(format!("replica-{id}.yaml")))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("cannot start {}", bin.display()))
+}
+
+fn terminate(child: &mut Child) {
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let v: Vec<&str> = text.lines().collect();
+    v[v.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Runs the local cluster until Ctrl-C (or `duration`).
+pub async fn up(args: UpArgs) -> Result<()> {
+    let dir = args.data.clone();
+    fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let cluster = if ClusterFile::path(&dir).is_file() {
+        let c = ClusterFile::load(&dir)?;
+        println!(
+            "resuming the {}-replica {} cluster in {}",
+            c.replicas.len(),
+            c.transport,
+            dir.display()
+        );
+        c
+    } else {
+        let c = ClusterFile::generate(&dir, args.replicas, &args.transport, args.base_port)?;
+        println!(
+            "created a {}-replica {} cluster in {} (keys in {}/keys)",
+            c.replicas.len(),
+            c.transport,
+            dir.display(),
+            dir.display()
+        );
+        c
+    };
+    let bin = replica_binary(args.replica_bin.as_deref())?;
+    let mut procs: Vec<Proc> = Vec::new();
+    for r in &cluster.replicas {
+        procs.push(Proc {
+            id: r.id,
+            child: Some(spawn(&bin, &dir, r.id)?),
+            exit: None,
+        });
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            // Ctrl-C, or SIGTERM from a supervisor: stop the replicas cleanly either way.
+            #[cfg(unix)]
+            {
+                use tokio::signal::unix::{SignalKind, signal};
+                match signal(SignalKind::terminate()) {
+                    Ok(mut term) => {
+                        tokio::select! {
+                            _ = tokio::signal::ctrl_c() => {}
+                            _ = term.recv() => {}
+                        }
+                    }
+                    Err(_) => {
+                        let _ = tokio::signal::ctrl_c().await;
+                    }
+                }
+            }
+            #[cfg(not(unix))]
+            let _ = tokio::signal::ctrl_c().await;
+            stop.store(true, Ordering::Relaxed);
+        });
+    }
+
+    // Wait (bounded) until every replica is ready; a replica that dies shows its log.
+    let started = Instant::now();
+    loop {
+        let ready = cluster
+            .replicas
+            .iter()
+            .filter(|r| http::get(r.http, "/readyz").is_some_and(|(c, _)| c == 200))
+            .count();
+        if ready == cluster.replicas.len() {
+            println!("all {ready} replicas ready after {:.1?}", started.elapsed());
+            break;
+        }
+        let died = procs.iter_mut().find_map(|p| {
+            let st = p.child.as_mut()?.try_wait().ok()??;
+            Some((p.id, st))
+        });
+        if let Some((id, st)) = died {
+            for q in &mut procs {
+                if let Some(mut c) = q.child.take() {
+                    terminate(&mut c);
+                }
+            }
+            let log = dir.join(format!("replica-{id}.log"));
+            bail!(
+                "replica {id} exited during start-up ({st}); its log ({}):\n{}",
+                log.display(),
+                tail(&log, 15)
+            );
+        }
+        if started.elapsed() > Duration::from_secs(60) || stop.load(Ordering::Relaxed) {
+            for p in &mut procs {
+                if let Some(mut c) = p.child.take() {
+                    terminate(&mut c);
+                }
+            }
+            bail!(
+                "replicas not ready after 60 s; logs are in {}",
+                dir.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    if args.load > 0 {
+        start_load(
+            &dir,
+            &cluster,
+            args.load,
+            ok.clone(),
+            failed.clone(),
+            stop.clone(),
+        )
+        .await?;
+    }
+
+    let tty = std::io::stdout().is_terminal();
+    let mut last_heights: Vec<Option<u64>> = vec![None; cluster.replicas.len()];
+    let mut last_ok = 0;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let began = Instant::now();
+    while !stop.load(Ordering::Relaxed) && args.duration.is_none_or(|d| began.elapsed() < d) {
+        tick.tick().await;
+        for p in &mut procs {
+            if let Some(c) = p.child.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    p.exit = Some(st.to_string());
+                    p.child = None;
+                }
+            }
+        }
+        let statuses: Vec<Option<serde_json::Value>> = cluster
+            .replicas
+            .iter()
+            .map(|r| http::status(r.http))
+            .collect();
+        let top = statuses
+            .iter()
+            .flatten()
+            .filter_map(|s| s["height"].as_u64())
+            .max()
+            .unwrap_or(0);
+        let mut out = String::new();
+        if tty {
+            out.push_str("\x1b[2J\x1b[H");
+        }
+        let done = ok.load(Ordering::Relaxed);
+        out.push_str(&format!(
+            "pbft up: {} replicas ({}), data {}   uptime {:.0?}   Ctrl-C stops\n",
+            cluster.replicas.len(),
+            cluster.transport,
+            dir.display(),
+            began.elapsed()
+        ));
+        if args.load > 0 {
+            out.push_str(&format!(
+                "demo load: {} ok/s, {} ok total, {} failed\n",
+                done - last_ok,
+                done,
+                failed.load(Ordering::Relaxed)
+            ));
+        }
+        last_ok = done;
+        out.push_str("replica  pid      state   view  primary  height    commits/s  lag  peers\n");
+        for (i, (r, s)) in cluster.replicas.iter().zip(&statuses).enumerate() {
+            let p = &procs[i];
+            let pid = p.child.as_ref().map_or("-".into(), |c| c.id().to_string());
+            match s {
+                Some(s) => {
+                    let h = s["height"].as_u64().unwrap_or(0);
+                    let rate = last_heights[i].map_or(0, |l| h.saturating_sub(l));
+                    last_heights[i] = Some(h);
+                    let peers = s["peers"]
+                        .as_array()
+                        .map_or(0, |a| a.iter().filter(|p| p["connected"] == true).count());
+                    let state = if s["view_change_in_progress"] == true {
+                        "vchange"
+                    } else {
+                        "up"
+                    };
+                    out.push_str(&format!(
+                        "r{:<7} {:<8} {:<7} {:<5} r{:<7} {:<9} {:<10} {:<4} {}/{}\n",
+                        r.id,
+                        pid,
+                        state,
+                        s["view"],
+                        s["primary"],
+                        h,
+                        rate,
+                        top.saturating_sub(h),
+                        peers,
+                        cluster.replicas.len() - 1
+                    ));
+                }
+                None => {
+                    last_heights[i] = None;
+                    let state = match &p.exit {
+                        Some(e) => format!("down ({e})"),
+                        None => "unreachable".into(),
+                    };
+                    out.push_str(&format!("r{:<7} {:<8} {state}\n", r.id, pid));
+                }
+            }
+        }
+        print!("{out}");
+        let _ = std::io::stdout().flush();
+    }
+    println!("stopping replicas ...");
+    stop.store(true, Ordering::Relaxed);
+    for p in &mut procs {
+        if let Some(mut c) = p.child.take() {
+            terminate(&mut c);
+        }
+    }
+    println!(
+        "stopped; `pbft up --data {}` resumes this cluster",
+        dir.display()
+    );
+    Ok(())
+}
+
+async fn start_load(
+    dir: &Path,
+    cluster: &ClusterFile,
+    rate: u64,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+) -> Result<()> {
+    let workers = cluster
+        .load_clients
+        .len()
+        .min(rate.div_ceil(50) as usize)
+        .max(1);
+    let per_worker = Duration::from_secs_f64(workers as f64 / rate as f64);
+    for (w, id) in cluster.load_clients.iter().take(workers).enumerate() {
+        let client = Client::connect(ClientOptions {
+            replicas: cluster.client_addrs(),
+            client_id: *id,
+            secret: cluster.client_secret(dir, *id)?,
+            timeout: Duration::from_secs(5),
+            ..ClientOptions::default()
+        })
+        .await?;
+        let (ok, failed, stop) = (ok.clone(), failed.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut i = 0u64;
+            let mut next = tokio::time::Instant::now();
+            while !stop.load(Ordering::Relaxed) {
+                let key = format!("demo-{w}-{}", i % 1000);
+                match client
+                    .put(key.as_bytes(), format!("value-{i}").as_bytes())
+                    .await
+                {
+                    Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                };
+                i += 1;
+                next += per_worker;
+                tokio::time::sleep_until(next.max(tokio::time::Instant::now())).await;
+            }
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,129 @@
+//! `pbft`: run a local cluster, talk to it, check it. Exit codes: 0 ok, 1 error, 2 usage,
+//! 3 cluster unavailable, 4 key not found, 5 CAS mismatch, 6 invalid ledger.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use pbft_client::cli::{OutputFormat, commands, exit, up};
+
+#[derive(Parser)]
+#[command(version, about = "PBFT: a Byzantine-fault-tolerant key-value store")]
+struct Cli {
+    /// Cluster directory (written by `pbft up`).
+    #[arg(long, global = true, env = "PBFT_DATA", default_value = ".pbft")]
+    data: PathBuf,
+    /// How results are printed.
+    #[arg(long, global = true, value_enum, default_value = "table")]
+    output: OutputFormat,
+    /// How long one request may take, in seconds.
+    #[arg(long, global = true, default_value_t = 10)]
+    timeout: u64,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start a local cluster (keys and config generated on first run) with a live status view.
+    Up {
+        #[arg(long, default_value_t = 4)]
+        replicas: usize,
+        #[arg(long, default_value = "grpc", value_parser = ["grpc", "tcp"])]
+        transport: String,
+        /// First port; replica i listens on 127.0.0.(i+1):PORT, its sidecar on PORT+1.
+        #[arg(long, default_value_t = 7000)]
+        port: u16,
+        /// Demo load in requests per second (0 for none).
+        #[arg(long, default_value_t = 0)]
+        load: u64,
+        /// Stop after this many seconds (default: run until Ctrl-C).
+        #[arg(long)]
+        seconds: Option<u64>,
+        /// The pbft-replica binary (default: next to this one).
+        #[arg(long)]
+        replica_bin: Option<PathBuf>,
+    },
+    /// Write a key.
+    Put { key: String, value: String },
+    /// Read a key (exit 4 if absent).
+    Get { key: String },
+    /// Delete a key (exit 4 if it did not exist).
+    Del { key: String },
+    /// Compare-and-swap: write NEW only if the key holds EXPECTED (or is absent with --absent).
+    Cas {
+        key: String,
+        new: String,
+        #[arg(long, conflicts_with = "absent", required_unless_present = "absent")]
+        expected: Option<String>,
+        #[arg(long)]
+        absent: bool,
+    },
+    /// One row per replica: view, primary, height, stable checkpoint, lag, peers.
+    Status,
+    /// Generate an ed25519 key pair.
+    Keygen {
+        /// Write the secret here (never overwrites) instead of printing it.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Walk a replica's ledger from genesis, checking every hash link and commit certificate.
+    VerifyLedger {
+        #[arg(long, default_value_t = 0)]
+        replica: u32,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(exit::ERROR);
+        }
+    };
+    let timeout = Duration::from_secs(cli.timeout.max(1));
+    let (data, out) = (&cli.data, cli.output);
+    let result = rt.block_on(async {
+        match &cli.command {
+            Cmd::Up {
+                replicas,
+                transport,
+                port,
+                load,
+                seconds,
+                replica_bin,
+            } => up::up(up::UpArgs {
+                replicas: *replicas,
+                data: data.clone(),
+                transport: transport.clone(),
+                base_port: *port,
+                load: *load,
+                duration: seconds.map(Duration::from_secs),
+                replica_bin: replica_bin.clone(),
+            })
+            .await
+            .map(|()| commands::Outcome { code: exit::OK }),
+            Cmd::Put { key, value } => commands::put(data, key, value, out, timeout).await,
+            Cmd::Get { key } => commands::get(data, key, out, timeout).await,
+            Cmd::Del { key } => commands::del(data, key, out, timeout).await,
+            Cmd::Cas {
+                key,
+                new,
+                expected,
+                absent: _,
+            } => commands::cas(data, key, expected.as_deref(), new, out, timeout).await,
+            Cmd::Status => commands::status(data, out),
+            Cmd::Keygen { out: file } => commands::keygen(file.as_deref(), out),
+            Cmd::VerifyLedger { replica } => commands::verify_ledger(data, *replica, out).await,
+        }
+    });
+    match result {
+        Ok(o) => std::process::exit(o.code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(commands::error_code(&e));
+        }
+    }
+}

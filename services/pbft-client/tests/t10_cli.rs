@@ -1,0 +1,204 @@
+//! The `pbft` CLI end to end: `pbft up` starts a real local cluster, the commands talk to it
+//! with script-friendly exit codes, a killed replica does not stop the others, the ledger
+//! verifies, and stopping `pbft up` stops every replica; running it again resumes the data.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn pbft() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_pbft"))
+}
+
+fn replica_bin() -> PathBuf {
+    let p = pbft().with_file_name("pbft-replica");
+    assert!(
+        p.is_file(),
+        "{} missing: build it first (cargo build -p pbft-replica; `make test` does)",
+        p.display()
+    );
+    p
+}
+
+/// A base port P with P, P+1, P+2 free on 127.0.0.1-4, below the ephemeral range.
+fn free_base_port() -> u16 {
+    let seed = u64::from(std::process::id()) * 7919;
+    for k in 0..5_000u64 {
+        let p = 10_000 + ((seed + k * 613) % 20_000) as u16;
+        let all_free = (1..=4)
+            .all(|i| (0..3).all(|d| TcpListener::bind(format!("127.0.0.{i}:{}", p + d)).is_ok()));
+        if all_free {
+            return p;
+        }
+    }
+    panic!("no free port range");
+}
+
+fn run(data: &Path, args: &[&str]) -> Output {
+    Command::new(pbft())
+        .arg("--data")
+        .arg(data)
+        .args(args)
+        .output()
+        .expect("run pbft")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+struct Up(Child);
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_up(data: &Path, port: u16) -> Up {
+    Up(Command::new(pbft())
+        .arg("--data")
+        .arg(data)
+        .args(["up", "--port", &port.to_string(), "--replica-bin"])
+        .arg(replica_bin())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("pbft up"))
+}
+
+fn wait_status_ok(data: &Path) {
+    let start = Instant::now();
+    loop {
+        let o = run(data, &["status", "--output", "json"]);
+        if o.status.success() {
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+            let up = v["replicas"]
+                .as_array()
+                .map_or(0, |a| a.iter().filter(|r| r["down"] != true).count());
+            if up == 4 {
+                return;
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "cluster not up: {}",
+            text(&o)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn stop(up: &mut Up) {
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(up.0.id().to_string())
+        .status();
+    let start = Instant::now();
+    loop {
+        if let Ok(Some(st)) = up.0.try_wait() {
+            assert!(st.success(), "pbft up exit {st}");
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "pbft up did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn up_commands_exit_codes_and_resume() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("cluster");
+    let port = free_base_port();
+    let mut up = start_up(&data, port);
+    wait_status_ok(&data);
+
+    let o = run(&data, &["put", "greeting", "hello"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = run(&data, &["get", "greeting"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "hello\n");
+    let o = run(&data, &["get", "nope"]);
+    assert_eq!(o.status.code(), Some(4), "missing key: {}", text(&o));
+    let o = run(&data, &["cas", "greeting", "bye", "--expected", "wrong"]);
+    assert_eq!(o.status.code(), Some(5), "cas mismatch: {}", text(&o));
+    let o = run(
+        &data,
+        &[
+            "--output",
+            "json",
+            "cas",
+            "greeting",
+            "bye",
+            "--expected",
+            "hello",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(v["swapped"], true);
+    let o = run(&data, &["del", "greeting"]);
+    assert!(o.status.success());
+    let o = run(&data, &["del", "greeting"]);
+    assert_eq!(o.status.code(), Some(4));
+
+    // Kill one replica: the rest keep committing, status shows it down but exits 0 (f = 1).
+    let pid = Command::new("pgrep")
+        .args(["-f", &format!("{}/replica-3.yaml", data.display())])
+        .output()
+        .expect("pgrep");
+    let pid = String::from_utf8_lossy(&pid.stdout).trim().to_string();
+    assert!(!pid.is_empty(), "replica 3 process");
+    let _ = Command::new("kill").args(["-KILL", &pid]).status();
+    let o = run(&data, &["put", "after-kill", "ok"]);
+    assert!(
+        o.status.success(),
+        "put with one replica down: {}",
+        text(&o)
+    );
+    let o = run(&data, &["status"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("down"), "{}", text(&o));
+
+    let o = run(&data, &["verify-ledger", "--replica", "0"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("every link and certificate valid"),
+        "{}",
+        text(&o)
+    );
+
+    stop(&mut up);
+    let o = run(&data, &["get", "after-kill", "--timeout", "2"]);
+    assert_eq!(o.status.code(), Some(3), "cluster stopped: {}", text(&o));
+
+    // Again: same keys, same data.
+    let mut up = start_up(&data, port);
+    wait_status_ok(&data);
+    let o = run(&data, &["get", "after-kill"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "ok\n", "{}", text(&o));
+    stop(&mut up);
+}
+
+#[test]
+fn helpful_errors_without_a_cluster() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let o = run(&dir.path().join("none"), &["get", "k"]);
+    assert_eq!(o.status.code(), Some(1));
+    let t = text(&o);
+    assert!(t.contains("no cluster at") && t.contains("pbft up"), "{t}");
+    assert!(!t.contains("panicked") && !t.contains("backtrace"), "{t}");
+    let o = run(dir.path(), &["up", "--replicas", "5"]);
+    assert!(text(&o).contains("3f+1"), "{}", text(&o));
+    let o = run(dir.path(), &["keygen"]);
+    assert!(o.status.success());
+    assert!(text(&o).contains("public key"));
+}
