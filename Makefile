@@ -25,9 +25,10 @@ sim-demo: ## The same cluster in one process over the simulator's network (virtu
 	$(CARGO) run --quiet -p pbft-sim -- demo
 
 test: deps ## Run all tests (unit, handler, 1,024 simulated scenarios, multi-process, teeth, doc tests)
-	$(CARGO) nextest run --workspace --no-fail-fast
-	$(CARGO) nextest run -p pbft-sim --features mutations --test teeth
 	$(CARGO) test --workspace --doc --quiet
+	$(CARGO) nextest run -p pbft-sim --features mutations --test teeth
+	@# Last, so the closing summary line counts every test of the workspace.
+	$(CARGO) nextest run --workspace --no-fail-fast
 
 teeth: ## Break a quorum rule on purpose and show the simulator catching it
 	-$(CARGO) run --quiet -p pbft-sim --features mutations -- --mutation weak-quorum --seeds 50 2>&1 | head -4
