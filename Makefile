@@ -4,7 +4,7 @@ CARGO ?= cargo
 SEEDS ?= 10000
 START ?= 0
 
-.PHONY: help deps build sim-demo test test-unit teeth lint verify fix sim sim-replay check-core-deps run
+.PHONY: help deps build sim-demo bench test test-unit teeth lint verify fix sim sim-replay check-core-deps run
 
 help: ## List targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -49,6 +49,9 @@ check-core-deps: ## The consensus core must not depend on I/O crates
 	@deps=$$($(CARGO) tree -p pbft-core -e normal --prefix none | grep -E '^(tokio|tonic|prost|axum|kube|hyper|mio) v' || true); \
 	if [ -n "$$deps" ]; then echo "pbft-core depends on I/O crates:"; echo "$$deps"; exit 1; fi; \
 	echo "pbft-core: no I/O dependencies"
+
+bench: ## Measure the local cluster (n=4,7; gRPC, TCP; 64/512/1024 B) and write docs/BENCHMARKS.md
+	bash scripts/bench.sh
 
 sim: ## Soak: SEEDS scenarios from START, prints scenarios/s (make sim SEEDS=100000)
 	$(CARGO) run --release -p pbft-sim -- --seeds $(SEEDS) --start $(START)

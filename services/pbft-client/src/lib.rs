@@ -94,7 +94,8 @@ impl Client {
     /// Prepares connections to every replica (lazily: unreachable replicas do not fail this).
     pub async fn connect(opts: ClientOptions) -> Result<Client, ClientError> {
         let n = opts.replicas.len();
-        if n < 4 || (n - 1) % 3 != 0 {
+        // n = 1 is the unreplicated baseline server that `pbft bench --unreplicated` uses.
+        if n != 1 && (n < 4 || (n - 1) % 3 != 0) {
             return Err(ClientError::ClusterSize(n));
         }
         let mut replicas = Vec::with_capacity(n);

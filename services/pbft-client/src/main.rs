@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use pbft_client::cli::{OutputFormat, commands, exit, up};
+use pbft_client::cli::{OutputFormat, bench, commands, exit, up};
 
 #[derive(Parser)]
 #[command(version, about = "PBFT: a Byzantine-fault-tolerant key-value store")]
@@ -61,6 +61,33 @@ enum Cmd {
     },
     /// One row per replica: view, primary, height, stable checkpoint, lag, peers.
     Status,
+    /// Measure committed throughput and latency against the running cluster.
+    Bench {
+        /// Closed loop: requests in flight (one per load client).
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        /// Open loop: offered requests per second (instead of closed loop).
+        #[arg(long)]
+        rate: Option<u64>,
+        /// Value size in bytes.
+        #[arg(long, default_value_t = 512)]
+        payload: usize,
+        /// Measured seconds.
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+        /// Warm-up seconds before measuring.
+        #[arg(long, default_value_t = 2)]
+        warmup: u64,
+        /// Also write the results as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Then run the same workload against one replica without consensus, and report the ratio.
+        #[arg(long)]
+        unreplicated: bool,
+        /// The pbft-replica binary for --unreplicated (default: next to this one).
+        #[arg(long)]
+        replica_bin: Option<PathBuf>,
+    },
     /// Generate an ed25519 key pair.
     Keygen {
         /// Write the secret here (never overwrites) instead of printing it.
@@ -115,6 +142,29 @@ fn main() {
                 absent: _,
             } => commands::cas(data, key, expected.as_deref(), new, out, timeout).await,
             Cmd::Status => commands::status(data, out),
+            Cmd::Bench {
+                concurrency,
+                rate,
+                payload,
+                duration,
+                warmup,
+                json,
+                unreplicated,
+                replica_bin,
+            } => {
+                let args = bench::BenchArgs {
+                    concurrency: *concurrency,
+                    rate: *rate,
+                    payload: *payload,
+                    duration: Duration::from_secs(*duration),
+                    warmup: Duration::from_secs(*warmup),
+                    json: json.clone(),
+                    quiet: false,
+                };
+                bench::bench(data, args, *unreplicated, replica_bin.as_deref())
+                    .await
+                    .map(|()| commands::Outcome { code: exit::OK })
+            }
             Cmd::Keygen { out: file } => commands::keygen(file.as_deref(), out),
             Cmd::VerifyLedger { replica } => commands::verify_ledger(data, *replica, out).await,
         }

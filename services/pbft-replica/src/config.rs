@@ -165,6 +165,9 @@ pub struct Config {
     pub submit_timeout_ms: u64,
     /// Log format: "text" or "json".
     pub log_format: String,
+    /// Benchmark baseline only: run as one server that executes requests directly, with no
+    /// consensus and no fault tolerance (`pbft bench --unreplicated`).
+    pub unreplicated: bool,
 }
 
 impl Default for Config {
@@ -185,6 +188,7 @@ impl Default for Config {
             ready_max_lag: 256,
             submit_timeout_ms: 30_000,
             log_format: "text".into(),
+            unreplicated: false,
         }
     }
 }

@@ -15,6 +15,7 @@ pub mod status;
 pub mod storage;
 pub mod telemetry;
 pub mod transport;
+pub mod unreplicated;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -53,12 +54,96 @@ pub fn peer_addresses(cfg: &Config) -> Vec<(ReplicaId, String)> {
         .collect()
 }
 
+/// Runs the unreplicated benchmark baseline until `shutdown` resolves.
+async fn run_unreplicated(
+    cfg: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let ring = Arc::new(keys::key_ring(&cfg)?);
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
+    let store = RedbStore::open(&cfg.data_dir.join("pbft.redb"))?;
+    let provider: Arc<dyn pbft_core::StateProvider + Send + Sync> = Arc::new(store.reader());
+    let metrics = Metrics::new();
+    let status = Arc::new(SharedStatus::new(PeerTable::new(Vec::new())));
+    status.set(status::StatusView {
+        n: 1,
+        transport: "unreplicated".into(),
+        ..status::StatusView::default()
+    });
+    let (handle, rx) = node::NodeHandle::channel(metrics.clone());
+    let stop = Arc::new(AtomicBool::new(false));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let settings = GrpcSettings {
+        max_message_bytes: cfg.net.max_message_bytes,
+        dial_timeout: cfg.dial_timeout(),
+        queue_capacity: cfg.net.queue_capacity,
+        backoff_min: Duration::from_millis(cfg.net.backoff_min_ms),
+        backoff_max: Duration::from_millis(cfg.net.backoff_max_ms),
+        submit_timeout: Duration::from_millis(cfg.submit_timeout_ms),
+    };
+    let listener = transport::grpc::bind(cfg.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    info!(addr = %cfg.listen, "unreplicated baseline listening (benchmarks only: no fault tolerance)");
+    let server = GrpcServer {
+        stop: stop_rx.clone(),
+        n: 1,
+        node: handle,
+        provider,
+        status: status.clone(),
+        metrics: metrics.clone(),
+        settings,
+    };
+    let mut rx_stop = stop_rx.clone();
+    let server_task = tokio::spawn(server.serve(listener, async move {
+        let _ = rx_stop.wait_for(|s| *s).await;
+    }));
+    let (loop_status, loop_metrics, loop_stop) = (status.clone(), metrics.clone(), stop.clone());
+    let worker = std::thread::Builder::new()
+        .name("pbft-unreplicated".into())
+        .spawn(move || {
+            unreplicated::run_loop(store, ring, rx, loop_status, loop_metrics, loop_stop)
+        })
+        .context("cannot start worker")?;
+    let http = tokio::net::TcpListener::bind(cfg.http_listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.http_listen))?;
+    let app = sidecar::router(sidecar::Sidecar {
+        status,
+        metrics,
+        ready_max_lag: cfg.ready_max_lag,
+    });
+    let mut rx_http = stop_rx;
+    let http_task = tokio::spawn(async move {
+        axum::serve(http, app)
+            .with_graceful_shutdown(async move {
+                let _ = rx_http.wait_for(|s| *s).await;
+            })
+            .await
+    });
+    shutdown.await;
+    let _ = stop_tx.send(true);
+    stop.store(true, Ordering::Relaxed);
+    let _ = tokio::time::timeout(Duration::from_secs(5), server_task).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), http_task).await;
+    match tokio::task::spawn_blocking(move || worker.join()).await {
+        Ok(Ok(r)) => r?,
+        _ => anyhow::bail!("unreplicated worker failed"),
+    }
+    info!("stopped cleanly");
+    Ok(())
+}
+
 /// Runs a replica until `shutdown` resolves.
 pub async fn run(
     cfg: Config,
     id: u32,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    if cfg.unreplicated {
+        return run_unreplicated(cfg, shutdown).await;
+    }
     cfg.validate(id)?;
     let core_cfg = cfg.core_config()?;
     let me = ReplicaId(id);

@@ -42,6 +42,12 @@ pub struct NodeHandle {
 pub struct Overloaded;
 
 impl NodeHandle {
+    /// A bounded inbound queue and its handle.
+    pub fn channel(metrics: Metrics) -> (NodeHandle, Receiver<Inbound>) {
+        let (tx, rx) = std::sync::mpsc::sync_channel(INBOUND_CAPACITY);
+        (NodeHandle { tx, metrics }, rx)
+    }
+
     /// Hands an input to the node loop without blocking; a full queue drops it (counted).
     pub fn deliver(&self, input: Inbound) -> Result<(), Overloaded> {
         match self.tx.try_send(input) {
@@ -122,11 +128,7 @@ impl Node {
         submit_timeout: Duration,
         transport: String,
     ) -> (Node, NodeHandle) {
-        let (tx, rx) = std::sync::mpsc::sync_channel(INBOUND_CAPACITY);
-        let handle = NodeHandle {
-            tx,
-            metrics: metrics.clone(),
-        };
+        let (handle, rx) = NodeHandle::channel(metrics.clone());
         let node = Node {
             replica,
             store,

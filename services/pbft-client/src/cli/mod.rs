@@ -1,6 +1,7 @@
 //! The `pbft` command line: cluster layout on disk, the local cluster (`pbft up`), and the
 //! everyday commands.
 
+pub mod bench;
 pub mod cluster;
 pub mod commands;
 pub mod http;

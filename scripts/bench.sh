@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# make bench: measures the local cluster (n = 4 and 7, gRPC and TCP, 64 B / 512 B / 1 KiB
+# payloads) with `pbft bench`, compares with the unreplicated baseline in the same run,
+# records peak replica memory, and writes docs/BENCHMARKS.md. Bounded: about 5 minutes
+# after the release build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION=${DURATION:-10}
+WARMUP=${WARMUP:-2}
+CONCURRENCY=${CONCURRENCY:-64}
+OUT=target/bench
+rm -rf "$OUT" && mkdir -p "$OUT"
+cargo build --release -q -p pbft-replica -p pbft-client
+PBFT=target/release/pbft
+PORT=21000
+
+run_cluster() { # n transport
+    local n=$1 t=$2 dir="$OUT/n$1-$2"
+    "$PBFT" --data "$dir" up --replicas "$n" --transport "$t" --port "$PORT" >"$dir.up.log" 2>&1 &
+    local up=$!
+    for _ in $(seq 1 300); do
+        if "$PBFT" --data "$dir" status >/dev/null 2>&1; then break; fi
+        sleep 0.2
+    done
+    for p in 64 512 1024; do
+        local extra=()
+        if [ "$n" = 4 ] && [ "$t" = grpc ]; then extra=(--unreplicated); fi
+        "$PBFT" --data "$dir" bench --concurrency "$CONCURRENCY" --payload "$p" \
+            --duration "$DURATION" --warmup "$WARMUP" --json "$OUT/n$n-$t-$p.json" "${extra[@]}" | tail -3
+    done
+    if [ "$n" = 4 ] && [ "$t" = grpc ]; then
+        "$PBFT" --data "$dir" bench --rate 10000 --payload 512 --duration "$DURATION" \
+            --warmup "$WARMUP" --json "$OUT/n4-grpc-open10k.json" | tail -1
+    fi
+    # Peak resident memory of each replica (VmHWM).
+    for pid in $(pgrep -f "$dir/replica-[0-9]*.yaml" || true); do
+        awk '/VmHWM/ {print $2}' "/proc/$pid/status"
+    done | sort -n | tail -1 >"$OUT/n$n-$t.rss_kb"
+    kill -TERM "$up"; wait "$up" || true
+}
+
+for n in 4 7; do
+    for t in grpc tcp; do
+        PORT=$((PORT + 10))
+        run_cluster "$n" "$t"
+    done
+done
+
+python3 scripts/bench_report.py "$OUT" > docs/BENCHMARKS.md
+echo "wrote docs/BENCHMARKS.md"

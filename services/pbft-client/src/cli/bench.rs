@@ -1,0 +1,372 @@
+//! `pbft bench`: closed loop (N requests in flight) or open loop (a target rate), with
+//! warm-up, a progress line, and latency percentiles from an HDR histogram. With
+//! `--unreplicated` the same workload then runs against one replica executing without
+//! consensus, and the ratio is reported from the same run.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use tokio::sync::Mutex;
+
+use super::cluster::ClusterFile;
+use crate::{Client, ClientOptions};
+
+/// Options of `pbft bench`.
+#[derive(Clone, Debug)]
+pub struct BenchArgs {
+    /// Closed loop: requests in flight (one per client).
+    pub concurrency: usize,
+    /// Open loop: requests per second offered (overrides concurrency).
+    pub rate: Option<u64>,
+    pub payload: usize,
+    pub duration: Duration,
+    pub warmup: Duration,
+    pub json: Option<PathBuf>,
+    pub quiet: bool,
+}
+
+/// What one run measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchResult {
+    pub target: String,
+    pub mode: String,
+    pub payload_bytes: usize,
+    pub seconds: f64,
+    pub committed: u64,
+    pub errors: u64,
+    /// Open loop: requests not sent because every client was still busy.
+    pub missed: u64,
+    pub throughput_per_sec: f64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+fn ms(h: &Histogram<u64>, q: f64) -> f64 {
+    h.value_at_quantile(q) as f64 / 1000.0
+}
+
+/// Runs the workload against `replicas` (client API addresses) with the cluster's load
+/// clients.
+pub async fn run_bench(
+    dir: &Path,
+    cluster: &ClusterFile,
+    replicas: Vec<String>,
+    target: &str,
+    args: &BenchArgs,
+) -> Result<BenchResult> {
+    let clients_needed = match args.rate {
+        Some(r) => ((r as usize) / 50).clamp(1, cluster.load_clients.len()),
+        None => args.concurrency,
+    };
+    if clients_needed > cluster.load_clients.len() {
+        bail!(
+            "--concurrency {} exceeds the {} load clients registered in this cluster",
+            clients_needed,
+            cluster.load_clients.len()
+        );
+    }
+    let mut clients = Vec::new();
+    for id in cluster.load_clients.iter().take(clients_needed) {
+        clients.push(Arc::new(
+            Client::connect(ClientOptions {
+                replicas: replicas.clone(),
+                client_id: *id,
+                secret: cluster.client_secret(dir, *id)?,
+                timeout: Duration::from_secs(10),
+                ..ClientOptions::default()
+            })
+            .await?,
+        ));
+    }
+    let hist = Arc::new(Mutex::new(
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).context("histogram")?,
+    ));
+    let ok = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let missed = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let measure_from = started + args.warmup;
+    let value = vec![b'x'; args.payload];
+
+    let mut tasks = Vec::new();
+    match args.rate {
+        None => {
+            for (w, client) in clients.into_iter().enumerate() {
+                let (hist, ok, errors, stop, value) = (
+                    hist.clone(),
+                    ok.clone(),
+                    errors.clone(),
+                    stop.clone(),
+                    value.clone(),
+                );
+                tasks.push(tokio::spawn(async move {
+                    let mut i = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let t = Instant::now();
+                        let r = client
+                            .put(format!("bench-{w}-{}", i % 10_000).as_bytes(), &value)
+                            .await;
+                        i += 1;
+                        if t < measure_from {
+                            continue;
+                        }
+                        match r {
+                            Ok(()) => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                                let _ = hist
+                                    .lock()
+                                    .await
+                                    .record(t.elapsed().as_micros().max(1) as u64);
+                            }
+                            Err(_) => {
+                                errors.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                }));
+            }
+        }
+        Some(rate) => {
+            // Open loop: requests are due on a fixed schedule whatever the latency; latency
+            // counts from when a request was due, so slow answers are not hidden.
+            let (idle_tx, idle_rx) = tokio::sync::mpsc::unbounded_channel();
+            for c in clients {
+                let _ = idle_tx.send(c);
+            }
+            let idle_rx = Arc::new(Mutex::new(idle_rx));
+            let (hist, ok, errors, missed, stop) = (
+                hist.clone(),
+                ok.clone(),
+                errors.clone(),
+                missed.clone(),
+                stop.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
+                let mut due = tokio::time::Instant::now();
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    tokio::time::sleep_until(due).await;
+                    let scheduled = Instant::now();
+                    due += interval;
+                    let client = idle_rx.lock().await.try_recv();
+                    let Ok(client) = client else {
+                        if scheduled >= measure_from {
+                            missed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        continue;
+                    };
+                    i += 1;
+                    let (hist, ok, errors, idle_tx, value) = (
+                        hist.clone(),
+                        ok.clone(),
+                        errors.clone(),
+                        idle_tx.clone(),
+                        value.clone(),
+                    );
+                    tokio::spawn(async move {
+                        let r = client
+                            .put(format!("bench-o-{}", i % 10_000).as_bytes(), &value)
+                            .await;
+                        if scheduled >= measure_from {
+                            match r {
+                                Ok(()) => {
+                                    ok.fetch_add(1, Ordering::Relaxed);
+                                    let _ = hist
+                                        .lock()
+                                        .await
+                                        .record(scheduled.elapsed().as_micros().max(1) as u64);
+                                }
+                                Err(_) => {
+                                    errors.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                        }
+                        let _ = idle_tx.send(client);
+                    });
+                }
+            }));
+        }
+    }
+
+    let total = args.warmup + args.duration;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        let elapsed = started.elapsed();
+        if !args.quiet {
+            let frac = (elapsed.as_secs_f64() / total.as_secs_f64()).min(1.0);
+            let bar = "=".repeat((frac * 30.0) as usize);
+            let phase = if elapsed < args.warmup {
+                "warm-up"
+            } else {
+                "measuring"
+            };
+            print!(
+                "\r{target:<14} [{bar:<30}] {:>5.1}/{:.0}s {phase:<9} {} ok {} err   ",
+                elapsed.as_secs_f64(),
+                total.as_secs_f64(),
+                ok.load(Ordering::Relaxed),
+                errors.load(Ordering::Relaxed)
+            );
+            let _ = std::io::stdout().flush();
+        }
+        if elapsed >= total {
+            break;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let measured = started.elapsed().saturating_sub(args.warmup).as_secs_f64();
+    if !args.quiet {
+        println!();
+    }
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(12), t).await;
+    }
+    let h = hist.lock().await;
+    let committed = ok.load(Ordering::Relaxed);
+    Ok(BenchResult {
+        target: target.to_string(),
+        mode: match args.rate {
+            Some(r) => format!("open loop {r}/s"),
+            None => format!("closed loop, {} in flight", args.concurrency),
+        },
+        payload_bytes: args.payload,
+        seconds: measured,
+        committed,
+        errors: errors.load(Ordering::Relaxed),
+        missed: missed.load(Ordering::Relaxed),
+        throughput_per_sec: committed as f64 / measured.max(0.001),
+        p50_ms: ms(&h, 0.50),
+        p90_ms: ms(&h, 0.90),
+        p99_ms: ms(&h, 0.99),
+        max_ms: h.max() as f64 / 1000.0,
+    })
+}
+
+/// Prints a result as one table row.
+pub fn print_row(r: &BenchResult) {
+    println!(
+        "{:<14} {:<26} {:>6}B  {:>9.0}/s  p50 {:>7.2} ms  p90 {:>7.2} ms  p99 {:>7.2} ms  max {:>8.2} ms  ({} ok, {} err, {} missed)",
+        r.target,
+        r.mode,
+        r.payload_bytes,
+        r.throughput_per_sec,
+        r.p50_ms,
+        r.p90_ms,
+        r.p99_ms,
+        r.max_ms,
+        r.committed,
+        r.errors,
+        r.missed
+    );
+}
+
+/// Starts the unreplicated baseline server next to the cluster's data, runs the same
+/// workload against it, and stops it.
+pub async fn run_unreplicated(
+    dir: &Path,
+    cluster: &ClusterFile,
+    replica_bin: &Path,
+    args: &BenchArgs,
+) -> Result<BenchResult> {
+    let base = dir.join("unreplicated");
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base)?;
+    let r0 = cluster.replicas.first().context("empty cluster")?;
+    let ip = r0.listen.ip();
+    let listen = format!("{ip}:{}", r0.listen.port() + 3);
+    let http: std::net::SocketAddr = format!("{ip}:{}", r0.listen.port() + 4).parse()?;
+    let mut clients = String::new();
+    for id in std::iter::once(cluster.client_id).chain(cluster.load_clients.iter().copied()) {
+        let secret = cluster.client_secret(dir, id)?;
+        let pk = super::cluster::to_hex(&pbft_core::Ed25519Signer::from_secret(secret).public().0);
+        clients.push_str(&format!("  - id: {id}\n    public_key: {pk}\n"));
+    }
+    let cfg = format!(
+        "# Benchmark baseline: one server, no consensus. Written by `pbft bench --unreplicated`.\nunreplicated: true\nid: 0\nlisten: {listen}\nhttp_listen: {http}\ndata_dir: {}\nkey_file: {}\nreplicas:\n  - public_key: {}\n    address: {listen}\nclients:\n{clients}",
+        base.join("data").display(),
+        dir.join("keys").join("replica-0.key").display(),
+        r0.public_key,
+    );
+    let cfg_path = base.join("config.yaml");
+    std::fs::write(&cfg_path, cfg)?;
+    let log = std::fs::File::create(base.join("server.log"))?;
+    let mut child = std::process::Command::new(replica_bin)
+        .arg("--config")
+        .arg(&cfg_path)
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("cannot start {}", replica_bin.display()))?;
+    let start = Instant::now();
+    while super::http::get(http, "/healthz").is_none_or(|(c, _)| c != 200) {
+        if start.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            bail!(
+                "unreplicated baseline did not start; see {}",
+                base.join("server.log").display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let result = run_bench(dir, cluster, vec![listen], "unreplicated", args).await;
+    let _ = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+    result
+}
+
+/// `pbft bench`: the replicated run, optionally the unreplicated one, and the ratio.
+pub async fn bench(
+    dir: &Path,
+    args: BenchArgs,
+    unreplicated: bool,
+    replica_bin: Option<&Path>,
+) -> Result<()> {
+    let cluster = ClusterFile::load(dir)?;
+    let up = cluster
+        .replicas
+        .iter()
+        .filter(|r| super::http::get(r.http, "/readyz").is_some_and(|(c, _)| c == 200))
+        .count();
+    if up < cluster.replicas.len() {
+        bail!(
+            "only {up} of {} replicas are ready: start the cluster with `pbft up --data {}` first",
+            cluster.replicas.len(),
+            dir.display()
+        );
+    }
+    let target = format!("pbft n={} {}", cluster.replicas.len(), cluster.transport);
+    let replicated = run_bench(dir, &cluster, cluster.client_addrs(), &target, &args).await?;
+    print_row(&replicated);
+    let mut report = serde_json::json!({ "replicated": replicated });
+    if unreplicated {
+        let bin = match replica_bin {
+            Some(b) => b.to_path_buf(),
+            None => std::env::current_exe()?.with_file_name("pbft-replica"),
+        };
+        let base = run_unreplicated(dir, &cluster, &bin, &args).await?;
+        print_row(&base);
+        let ratio = replicated.throughput_per_sec / base.throughput_per_sec.max(0.001);
+        println!("replicated / unreplicated throughput: {ratio:.2}");
+        report["unreplicated"] = serde_json::to_value(&base)?;
+        report["ratio"] = serde_json::json!(ratio);
+    }
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
+}
