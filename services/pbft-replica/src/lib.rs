@@ -54,6 +54,56 @@ pub fn peer_addresses(cfg: &Config) -> Vec<(ReplicaId, String)> {
         .collect()
 }
 
+/// Transport and client-API settings from the configuration.
+fn grpc_settings(cfg: &Config) -> GrpcSettings {
+    GrpcSettings {
+        max_message_bytes: cfg.net.max_message_bytes,
+        dial_timeout: cfg.dial_timeout(),
+        queue_capacity: cfg.net.queue_capacity,
+        backoff_min: Duration::from_millis(cfg.net.backoff_min_ms),
+        backoff_max: Duration::from_millis(cfg.net.backoff_max_ms),
+        submit_timeout: Duration::from_millis(cfg.submit_timeout_ms),
+    }
+}
+
+type Task<E> = tokio::task::JoinHandle<Result<(), E>>;
+
+/// Binds `addr` and serves the gRPC services until `stop` turns true.
+async fn spawn_grpc(
+    addr: std::net::SocketAddr,
+    server: GrpcServer,
+    what: &str,
+) -> Result<Task<tonic::transport::Error>> {
+    let listener = transport::grpc::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    info!(%addr, "{what} listening");
+    let mut stop = server.stop.clone();
+    Ok(tokio::spawn(server.serve(listener, async move {
+        let _ = stop.wait_for(|s| *s).await;
+    })))
+}
+
+/// Binds the HTTP sidecar and serves it until `stop` turns true.
+async fn spawn_sidecar(
+    cfg: &Config,
+    sidecar: sidecar::Sidecar,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<Task<std::io::Error>> {
+    let http = tokio::net::TcpListener::bind(cfg.http_listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.http_listen))?;
+    info!(addr = %cfg.http_listen, "HTTP sidecar listening");
+    let app = sidecar::router(sidecar);
+    Ok(tokio::spawn(async move {
+        axum::serve(http, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await
+    }))
+}
+
 /// Runs the unreplicated benchmark baseline until `shutdown` resolves.
 async fn run_unreplicated(
     cfg: Config,
@@ -74,18 +124,6 @@ async fn run_unreplicated(
     let (handle, rx) = node::NodeHandle::channel(metrics.clone());
     let stop = Arc::new(AtomicBool::new(false));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let settings = GrpcSettings {
-        max_message_bytes: cfg.net.max_message_bytes,
-        dial_timeout: cfg.dial_timeout(),
-        queue_capacity: cfg.net.queue_capacity,
-        backoff_min: Duration::from_millis(cfg.net.backoff_min_ms),
-        backoff_max: Duration::from_millis(cfg.net.backoff_max_ms),
-        submit_timeout: Duration::from_millis(cfg.submit_timeout_ms),
-    };
-    let listener = transport::grpc::bind(cfg.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
-    info!(addr = %cfg.listen, "unreplicated baseline listening (benchmarks only: no fault tolerance)");
     let server = GrpcServer {
         stop: stop_rx.clone(),
         n: 1,
@@ -93,12 +131,14 @@ async fn run_unreplicated(
         provider,
         status: status.clone(),
         metrics: metrics.clone(),
-        settings,
+        settings: grpc_settings(&cfg),
     };
-    let mut rx_stop = stop_rx.clone();
-    let server_task = tokio::spawn(server.serve(listener, async move {
-        let _ = rx_stop.wait_for(|s| *s).await;
-    }));
+    let server_task = spawn_grpc(
+        cfg.listen,
+        server,
+        "unreplicated baseline (benchmarks only: no fault tolerance)",
+    )
+    .await?;
     let (loop_status, loop_metrics, loop_stop) = (status.clone(), metrics.clone(), stop.clone());
     let worker = std::thread::Builder::new()
         .name("pbft-unreplicated".into())
@@ -106,22 +146,16 @@ async fn run_unreplicated(
             unreplicated::run_loop(store, ring, rx, loop_status, loop_metrics, loop_stop)
         })
         .context("cannot start worker")?;
-    let http = tokio::net::TcpListener::bind(cfg.http_listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", cfg.http_listen))?;
-    let app = sidecar::router(sidecar::Sidecar {
-        status,
-        metrics,
-        ready_max_lag: cfg.ready_max_lag,
-    });
-    let mut rx_http = stop_rx;
-    let http_task = tokio::spawn(async move {
-        axum::serve(http, app)
-            .with_graceful_shutdown(async move {
-                let _ = rx_http.wait_for(|s| *s).await;
-            })
-            .await
-    });
+    let http_task = spawn_sidecar(
+        &cfg,
+        sidecar::Sidecar {
+            status,
+            metrics,
+            ready_max_lag: cfg.ready_max_lag,
+        },
+        stop_rx,
+    )
+    .await?;
     shutdown.await;
     let _ = stop_tx.send(true);
     stop.store(true, Ordering::Relaxed);
@@ -187,14 +221,7 @@ pub async fn run(
     let stop = Arc::new(AtomicBool::new(false));
     let provider: Arc<dyn pbft_core::StateProvider + Send + Sync> = Arc::new(store.reader());
 
-    let settings = GrpcSettings {
-        max_message_bytes: cfg.net.max_message_bytes,
-        dial_timeout: cfg.dial_timeout(),
-        queue_capacity: cfg.net.queue_capacity,
-        backoff_min: Duration::from_millis(cfg.net.backoff_min_ms),
-        backoff_max: Duration::from_millis(cfg.net.backoff_max_ms),
-        submit_timeout: Duration::from_millis(cfg.submit_timeout_ms),
-    };
+    let settings = grpc_settings(&cfg);
 
     // The outbound side needs the node handle and the node needs the outbound side: build
     // the outbound through a slot the node reads after start.
@@ -210,6 +237,15 @@ pub async fn run(
     );
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let grpc_server = || GrpcServer {
+        stop: stop_rx.clone(),
+        n: cfg.replicas.len(),
+        node: handle.clone(),
+        provider: provider.clone(),
+        status: status.clone(),
+        metrics: metrics.clone(),
+        settings: settings.clone(),
+    };
     let server_task = match cfg.transport {
         TransportKind::Grpc => {
             let outbound = GrpcOutbound::start(
@@ -223,23 +259,7 @@ pub async fn run(
                 stop.clone(),
             );
             slot.set(outbound as Arc<dyn Outbound>);
-            let listener = transport::grpc::bind(cfg.listen)
-                .await
-                .with_context(|| format!("cannot listen on {}", cfg.listen))?;
-            info!(addr = %cfg.listen, "gRPC listening");
-            let server = GrpcServer {
-                stop: stop_rx.clone(),
-                n: cfg.replicas.len(),
-                node: handle.clone(),
-                provider: provider.clone(),
-                status: status.clone(),
-                metrics: metrics.clone(),
-                settings: settings.clone(),
-            };
-            let mut rx = stop_rx.clone();
-            tokio::spawn(server.serve(listener, async move {
-                let _ = rx.wait_for(|s| *s).await;
-            }))
+            spawn_grpc(cfg.listen, grpc_server(), "gRPC").await?
         }
         TransportKind::Tcp => {
             let identity = transport::tcp::Identity {
@@ -283,43 +303,20 @@ pub async fn run(
             let client_addr = cfg
                 .client_listen
                 .context("transport tcp needs `client_listen` (the gRPC client API address)")?;
-            let listener = transport::grpc::bind(client_addr)
-                .await
-                .with_context(|| format!("cannot listen on {client_addr}"))?;
-            info!(addr = %client_addr, "gRPC client API listening");
-            let server = GrpcServer {
-                stop: stop_rx.clone(),
-                n: cfg.replicas.len(),
-                node: handle.clone(),
-                provider: provider.clone(),
-                status: status.clone(),
-                metrics: metrics.clone(),
-                settings: settings.clone(),
-            };
-            let mut rx = stop_rx.clone();
-            tokio::spawn(server.serve(listener, async move {
-                let _ = rx.wait_for(|s| *s).await;
-            }))
+            spawn_grpc(client_addr, grpc_server(), "gRPC client API").await?
         }
     };
 
-    let http = tokio::net::TcpListener::bind(cfg.http_listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", cfg.http_listen))?;
-    info!(addr = %cfg.http_listen, "HTTP sidecar listening");
-    let app = sidecar::router(sidecar::Sidecar {
-        status: status.clone(),
-        metrics: metrics.clone(),
-        ready_max_lag: cfg.ready_max_lag,
-    });
-    let mut rx = stop_rx.clone();
-    let http_task = tokio::spawn(async move {
-        axum::serve(http, app)
-            .with_graceful_shutdown(async move {
-                let _ = rx.wait_for(|s| *s).await;
-            })
-            .await
-    });
+    let http_task = spawn_sidecar(
+        &cfg,
+        sidecar::Sidecar {
+            status: status.clone(),
+            metrics: metrics.clone(),
+            ready_max_lag: cfg.ready_max_lag,
+        },
+        stop_rx.clone(),
+    )
+    .await?;
 
     let node_stop = stop.clone();
     let node_thread = std::thread::Builder::new()

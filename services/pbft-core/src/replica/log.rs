@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::message::{Commit, PrePrepare, Prepare, Signed};
+use crate::message::{Commit, Message, PrePrepare, Prepare, Signed};
 use crate::types::{Digest, ReplicaId};
 
 /// What a replica knows about one sequence number in its current view.
@@ -34,6 +34,19 @@ impl Slot {
             .filter(|(r, p)| **r != primary && p.body.digest == d)
             .map(|(_, p)| p.clone())
             .collect()
+    }
+
+    /// What this replica said about the slot: its pre-prepare (if it is the primary) and its
+    /// own prepare and commit, for re-sending.
+    pub fn own_votes(&self, is_primary: bool) -> Vec<Message> {
+        let pp = self
+            .pre_prepare
+            .iter()
+            .filter(|_| is_primary)
+            .map(|pp| Message::PrePrepare(pp.clone()));
+        let prepare = self.own_prepare.iter().map(|p| Message::Prepare(p.clone()));
+        let commit = self.own_commit.iter().map(|c| Message::Commit(c.clone()));
+        pp.chain(prepare).chain(commit).collect()
     }
 
     pub fn matching_commits(&self) -> Vec<Signed<Commit>> {

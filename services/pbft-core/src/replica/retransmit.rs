@@ -32,20 +32,11 @@ impl Replica {
             return;
         }
         let is_primary = self.is_primary();
-        let mut msgs = Vec::new();
-        for slot in self.slots.values() {
-            if is_primary {
-                if let Some(pp) = &slot.pre_prepare {
-                    msgs.push(Message::PrePrepare(pp.clone()));
-                }
-            }
-            if let Some(p) = &slot.own_prepare {
-                msgs.push(Message::Prepare(p.clone()));
-            }
-            if let Some(c) = &slot.own_commit {
-                msgs.push(Message::Commit(c.clone()));
-            }
-        }
+        let mut msgs: Vec<Message> = self
+            .slots
+            .values()
+            .flat_map(|slot| slot.own_votes(is_primary))
+            .collect();
         if let Some((_, votes)) = self.checkpoint_votes.iter().next_back() {
             if let Some(own) = votes.get(&self.id) {
                 msgs.push(Message::Checkpoint(own.clone()));
@@ -83,19 +74,8 @@ impl Replica {
         if !slot.committed {
             return;
         }
+        let msgs = slot.own_votes(self.is_primary());
         self.helped.insert(to, self.now);
-        let mut msgs = Vec::new();
-        if self.is_primary() {
-            if let Some(pp) = &slot.pre_prepare {
-                msgs.push(Message::PrePrepare(pp.clone()));
-            }
-        }
-        if let Some(p) = &slot.own_prepare {
-            msgs.push(Message::Prepare(p.clone()));
-        }
-        if let Some(c) = &slot.own_commit {
-            msgs.push(Message::Commit(c.clone()));
-        }
         for m in msgs {
             self.send(to, m);
         }

@@ -38,6 +38,28 @@ impl SendError {
     }
 }
 
+/// Puts an envelope on a peer's bounded queue without waiting; a full or closed queue drops
+/// it and counts the drop, so one slow peer never holds up the others.
+pub(crate) fn enqueue(
+    peer: ReplicaId,
+    tx: &tokio::sync::mpsc::Sender<pbft_api::pb::PbftMessage>,
+    envelope: pbft_api::pb::PbftMessage,
+    metrics: &crate::metrics::Metrics,
+) -> Result<(), SendError> {
+    use tokio::sync::mpsc::error::TrySendError;
+    tx.try_send(envelope).map_err(|e| {
+        let err = match e {
+            TrySendError::Full(_) => SendError::QueueFull,
+            TrySendError::Closed(_) => SendError::Closed,
+        };
+        metrics
+            .dropped_messages
+            .with_label_values(&[&peer.0.to_string(), err.label()])
+            .inc();
+        err
+    })
+}
+
 /// The name a replica uses in envelopes' `node_id`.
 pub fn node_name(id: ReplicaId) -> String {
     format!("replica-{}", id.0)

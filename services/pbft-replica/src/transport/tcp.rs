@@ -243,17 +243,7 @@ impl TcpOutbound {
     }
 
     fn enqueue(&self, peer: &Peer, envelope: pb::PbftMessage) -> Result<(), SendError> {
-        peer.tx.try_send(envelope).map_err(|e| {
-            let err = match e {
-                mpsc::error::TrySendError::Full(_) => SendError::QueueFull,
-                mpsc::error::TrySendError::Closed(_) => SendError::Closed,
-            };
-            self.metrics
-                .dropped_messages
-                .with_label_values(&[&peer.id.0.to_string(), err.label()])
-                .inc();
-            err
-        })
+        super::enqueue(peer.id, &peer.tx, envelope, &self.metrics)
     }
 }
 
