@@ -112,6 +112,7 @@ pub struct Node {
     submit_timeout: Duration,
     transport: String,
     last_digest_height: u64,
+    last_digest_at: Instant,
     state_digest: String,
 }
 
@@ -140,6 +141,7 @@ impl Node {
             submit_timeout,
             transport,
             last_digest_height: u64::MAX,
+            last_digest_at: Instant::now() - Duration::from_secs(10),
             state_digest: String::new(),
         };
         (node, handle)
@@ -314,10 +316,16 @@ impl Node {
 
     fn refresh_status(&mut self) {
         let s = self.replica.status();
-        if s.last_executed != self.last_digest_height {
-            // Hashing the whole state is linear in its size: do it only when it changed.
+        // Hashing the whole state is linear in its size: only when someone reads /status,
+        // the height moved, and at most once a second.
+        let stale = s.last_executed != self.last_digest_height;
+        if stale
+            && self.status.take_digest_request()
+            && self.last_digest_at.elapsed() >= Duration::from_secs(1)
+        {
             self.state_digest = self.replica.state().digest().to_hex();
             self.last_digest_height = s.last_executed;
+            self.last_digest_at = Instant::now();
         }
         if s.sync_target.is_none() {
             self.metrics.sync_target.set(0);
@@ -334,6 +342,7 @@ impl Node {
             height: s.last_executed,
             head_hash: s.head_hash.to_hex(),
             state_digest: self.state_digest.clone(),
+            state_digest_height: self.last_digest_height.min(s.last_executed),
             stable_checkpoint: s.stable_checkpoint,
             sync_target: s.sync_target,
             pending_requests: s.pending_requests,

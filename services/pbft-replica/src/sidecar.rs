@@ -85,5 +85,6 @@ async fn metrics(State(s): State<Sidecar>) -> Response {
 }
 
 async fn status(State(s): State<Sidecar>) -> Response {
+    s.status.request_digest();
     axum::Json(s.status.snapshot()).into_response()
 }

@@ -68,7 +68,10 @@ pub struct StatusView {
     pub view_change_in_progress: bool,
     pub height: u64,
     pub head_hash: String,
+    /// Digest of the replicated state at `state_digest_height` (refreshed at most once a
+    /// second while /status is being read: it is linear in the state's size).
     pub state_digest: String,
+    pub state_digest_height: u64,
     pub stable_checkpoint: u64,
     pub sync_target: Option<u64>,
     pub pending_requests: usize,
@@ -81,6 +84,7 @@ pub struct StatusView {
 pub struct SharedStatus {
     pub view: RwLock<StatusView>,
     heartbeat_ms: AtomicU64,
+    digest_requested: AtomicBool,
     pub peers: PeerTable,
 }
 
@@ -96,8 +100,19 @@ impl SharedStatus {
         SharedStatus {
             view: RwLock::new(StatusView::default()),
             heartbeat_ms: AtomicU64::new(unix_ms()),
+            digest_requested: AtomicBool::new(true),
             peers,
         }
+    }
+
+    /// Asks the node loop to refresh the state digest (a reader of /status wants it).
+    pub fn request_digest(&self) {
+        self.digest_requested.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether a digest was asked for since the last call (and clears the request).
+    pub fn take_digest_request(&self) -> bool {
+        self.digest_requested.swap(false, Ordering::Relaxed)
     }
 
     pub fn beat(&self) {

@@ -113,7 +113,7 @@ pub async fn run_bench(
                     while !stop.load(Ordering::Relaxed) {
                         let t = Instant::now();
                         let r = client
-                            .put(format!("bench-{w}-{}", i % 10_000).as_bytes(), &value)
+                            .put(format!("bench-{w}-{}", i % 1_000).as_bytes(), &value)
                             .await;
                         i += 1;
                         if t < measure_from {
@@ -175,7 +175,7 @@ pub async fn run_bench(
                     );
                     tokio::spawn(async move {
                         let r = client
-                            .put(format!("bench-o-{}", i % 10_000).as_bytes(), &value)
+                            .put(format!("bench-o-{}", i % 1_000).as_bytes(), &value)
                             .await;
                         if scheduled >= measure_from {
                             match r {

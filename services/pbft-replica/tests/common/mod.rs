@@ -305,6 +305,7 @@ impl Cluster {
                         x.as_ref().is_some_and(|x| {
                             x["height"] == first["height"]
                                 && x["head_hash"] == first["head_hash"]
+                                && x["state_digest_height"] == x["height"]
                                 && x["state_digest"] == first["state_digest"]
                         })
                     })
