@@ -40,6 +40,8 @@ use self::sync::SyncState;
 struct Waiting {
     request: Request,
     since: Tick,
+    /// Whether this replica has forwarded it to the primary yet.
+    forwarded: bool,
 }
 
 /// A read-only summary for status pages and tests.
@@ -280,6 +282,8 @@ impl Replica {
         } else if let Some(&(since, _)) = self.timers.first() {
             if self.now.saturating_sub(since) >= self.vc_timeout {
                 self.start_view_change(self.view + 1);
+            } else {
+                self.forward_overdue();
             }
         }
         if self.is_primary() && !self.changing {

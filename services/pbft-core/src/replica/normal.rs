@@ -10,7 +10,7 @@ use crate::output::{Event, Source};
 use crate::reject::RejectReason;
 use crate::request::{Batch, Request};
 use crate::storage::PersistOp;
-use crate::types::{Digest, Seq, View};
+use crate::types::{ClientId, Digest, Seq, View};
 
 impl Replica {
     /// A client request, straight from the client or forwarded by a backup.
@@ -41,13 +41,11 @@ impl Replica {
             self.enqueue(req);
             self.try_propose();
         } else {
-            let fresh = self.wait_for(req.clone());
-            // Forward once, so a client that suspects the primary still reaches it; if the
-            // primary ignores it, this replica's timer will start a view change.
-            if fresh && !self.changing && from == Source::Client {
-                let p = self.primary();
-                self.send(p, Message::Request(req));
-            }
+            // Clients send every request to every replica (to collect replies), so the primary
+            // normally has it already: a backup forwards it only once it has waited a while
+            // (see `forward_overdue`); if the primary still ignores it, the view-change timer
+            // runs out.
+            self.wait_for(req, from == Source::Client);
         }
     }
 
@@ -67,7 +65,9 @@ impl Replica {
 
     /// Starts (or keeps) the timer for a request this replica expects to see executed.
     /// Returns true when the request is new to it.
-    pub(super) fn wait_for(&mut self, req: Request) -> bool {
+    /// `from_client`: it came from the client itself (so it is worth forwarding to the
+    /// primary if nothing happens); a copy forwarded by another replica is not forwarded on.
+    pub(super) fn wait_for(&mut self, req: Request, from_client: bool) -> bool {
         if let Some(w) = self.waiting.get(&req.client) {
             if w.request.timestamp >= req.timestamp {
                 return false;
@@ -80,9 +80,37 @@ impl Replica {
             Waiting {
                 request: req,
                 since: self.now,
+                forwarded: !from_client,
             },
         );
         true
+    }
+
+    /// Forwards to the primary the requests a client gave this backup that have waited half
+    /// a view-change timeout (or a retransmission interval, if shorter) without executing:
+    /// early enough that the primary gets them before anyone suspects it.
+    pub(super) fn forward_overdue(&mut self) {
+        if self.changing || self.is_primary() {
+            return;
+        }
+        let after = (self.vc_timeout / 2).min(self.cfg.retransmit_interval);
+        let now = self.now;
+        let overdue: Vec<ClientId> = self
+            .timers
+            .iter()
+            .take_while(|(since, _)| since + after <= now)
+            .map(|(_, c)| *c)
+            .collect();
+        let primary = self.primary();
+        for client in overdue {
+            if let Some(w) = self.waiting.get_mut(&client) {
+                if !w.forwarded {
+                    w.forwarded = true;
+                    let req = w.request.clone();
+                    self.send(primary, Message::Request(req));
+                }
+            }
+        }
     }
 
     /// Stops the timer of an executed request.
@@ -238,10 +266,14 @@ impl Replica {
         if pp.batch.len() > self.cfg.max_batch {
             return Err(RejectReason::Malformed);
         }
-        pp.batch
-            .requests
-            .iter()
-            .try_for_each(|r| self.check_request(r))
+        // A request this replica already verified when the client sent it needs no second
+        // signature check: the waiting copy is byte-for-byte the same request.
+        pp.batch.requests.iter().try_for_each(|r| {
+            match self.waiting.get(&r.client) {
+                Some(w) if w.request == *r => Ok(()),
+                _ => self.check_request(r),
+            }
+        })
     }
 
     /// Takes a pre-prepare into the log and votes for it. Used for normal pre-prepares and
@@ -254,7 +286,7 @@ impl Replica {
                 .client(r.client)
                 .is_none_or(|c| c.timestamp < r.timestamp)
             {
-                self.wait_for(r.clone());
+                self.wait_for(r.clone(), false);
                 self.proposed.insert((r.client, r.timestamp));
             }
         }

@@ -36,7 +36,7 @@ impl Replica {
         self.new_view = None;
         // Requests queued as primary of the old view must survive for the next primary.
         for (req, _) in std::mem::take(&mut self.queue) {
-            self.wait_for(req);
+            self.wait_for(req, false);
         }
         self.queued.clear();
         self.persist(PersistOp::View {
