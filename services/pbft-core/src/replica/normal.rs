@@ -268,12 +268,13 @@ impl Replica {
         }
         // A request this replica already verified when the client sent it needs no second
         // signature check: the waiting copy is byte-for-byte the same request.
-        pp.batch.requests.iter().try_for_each(|r| {
-            match self.waiting.get(&r.client) {
+        pp.batch
+            .requests
+            .iter()
+            .try_for_each(|r| match self.waiting.get(&r.client) {
                 Some(w) if w.request == *r => Ok(()),
                 _ => self.check_request(r),
-            }
-        })
+            })
     }
 
     /// Takes a pre-prepare into the log and votes for it. Used for normal pre-prepares and
