@@ -168,6 +168,46 @@ fn up_commands_exit_codes_and_resume() {
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("down"), "{}", text(&o));
 
+    // A short benchmark, replicated and unreplicated, with its JSON report.
+    let report = dir.path().join("bench.json");
+    let o = Command::new(pbft())
+        .arg("--data")
+        .arg(&data)
+        .args([
+            "bench",
+            "--concurrency",
+            "2",
+            "--duration",
+            "1",
+            "--warmup",
+            "0",
+            "--payload",
+            "64",
+            "--unreplicated",
+            "--replica-bin",
+        ])
+        .arg(replica_bin())
+        .arg("--json")
+        .arg(&report)
+        .output()
+        .expect("bench");
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).expect("report")).expect("json");
+    assert!(
+        v["replicated"]["committed"].as_u64().unwrap_or(0) > 0,
+        "{v}"
+    );
+    assert!(
+        v["unreplicated"]["committed"].as_u64().unwrap_or(0) > 0,
+        "{v}"
+    );
+    assert!(
+        v["replicated"]["p99_ms"].as_f64().unwrap_or(0.0) > 0.0,
+        "{v}"
+    );
+    assert!(v["ratio"].as_f64().unwrap_or(0.0) > 0.0, "{v}");
+
     let o = run(&data, &["verify-ledger", "--replica", "0"]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(

@@ -49,6 +49,26 @@ pub struct BenchResult {
     pub max_ms: f64,
 }
 
+/// Outcomes of measured requests.
+struct Tally {
+    hist: Mutex<Histogram<u64>>,
+    ok: AtomicU64,
+    errors: AtomicU64,
+}
+
+impl Tally {
+    /// Counts one measured request; a success records its latency since `since`.
+    async fn record(&self, ok: bool, since: Instant) {
+        if ok {
+            self.ok.fetch_add(1, Ordering::Relaxed);
+            let micros = since.elapsed().as_micros().max(1) as u64;
+            let _ = self.hist.lock().await.record(micros);
+        } else {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
 fn ms(h: &Histogram<u64>, q: f64) -> f64 {
     h.value_at_quantile(q) as f64 / 1000.0
 }
@@ -86,11 +106,11 @@ pub async fn run_bench(
             .await?,
         ));
     }
-    let hist = Arc::new(Mutex::new(
-        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).context("histogram")?,
-    ));
-    let ok = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(AtomicU64::new(0));
+    let tally = Arc::new(Tally {
+        hist: Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).context("histogram")?),
+        ok: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+    });
     let missed = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
@@ -101,13 +121,7 @@ pub async fn run_bench(
     match args.rate {
         None => {
             for (w, client) in clients.into_iter().enumerate() {
-                let (hist, ok, errors, stop, value) = (
-                    hist.clone(),
-                    ok.clone(),
-                    errors.clone(),
-                    stop.clone(),
-                    value.clone(),
-                );
+                let (tally, stop, value) = (tally.clone(), stop.clone(), value.clone());
                 tasks.push(tokio::spawn(async move {
                     let mut i = 0u64;
                     while !stop.load(Ordering::Relaxed) {
@@ -119,18 +133,7 @@ pub async fn run_bench(
                         if t < measure_from {
                             continue;
                         }
-                        match r {
-                            Ok(()) => {
-                                ok.fetch_add(1, Ordering::Relaxed);
-                                let _ = hist
-                                    .lock()
-                                    .await
-                                    .record(t.elapsed().as_micros().max(1) as u64);
-                            }
-                            Err(_) => {
-                                errors.fetch_add(1, Ordering::Relaxed);
-                            }
-                        }
+                        tally.record(r.is_ok(), t).await;
                     }
                 }));
             }
@@ -143,13 +146,7 @@ pub async fn run_bench(
                 let _ = idle_tx.send(c);
             }
             let idle_rx = Arc::new(Mutex::new(idle_rx));
-            let (hist, ok, errors, missed, stop) = (
-                hist.clone(),
-                ok.clone(),
-                errors.clone(),
-                missed.clone(),
-                stop.clone(),
-            );
+            let (tally, missed, stop) = (tally.clone(), missed.clone(), stop.clone());
             tasks.push(tokio::spawn(async move {
                 let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
                 let mut due = tokio::time::Instant::now();
@@ -166,30 +163,13 @@ pub async fn run_bench(
                         continue;
                     };
                     i += 1;
-                    let (hist, ok, errors, idle_tx, value) = (
-                        hist.clone(),
-                        ok.clone(),
-                        errors.clone(),
-                        idle_tx.clone(),
-                        value.clone(),
-                    );
+                    let (tally, idle_tx, value) = (tally.clone(), idle_tx.clone(), value.clone());
                     tokio::spawn(async move {
                         let r = client
                             .put(format!("bench-o-{}", i % 1_000).as_bytes(), &value)
                             .await;
                         if scheduled >= measure_from {
-                            match r {
-                                Ok(()) => {
-                                    ok.fetch_add(1, Ordering::Relaxed);
-                                    let _ = hist
-                                        .lock()
-                                        .await
-                                        .record(scheduled.elapsed().as_micros().max(1) as u64);
-                                }
-                                Err(_) => {
-                                    errors.fetch_add(1, Ordering::Relaxed);
-                                }
-                            }
+                            tally.record(r.is_ok(), scheduled).await;
                         }
                         let _ = idle_tx.send(client);
                     });
@@ -215,8 +195,8 @@ pub async fn run_bench(
                 "\r{target:<14} [{bar:<30}] {:>5.1}/{:.0}s {phase:<9} {} ok {} err   ",
                 elapsed.as_secs_f64(),
                 total.as_secs_f64(),
-                ok.load(Ordering::Relaxed),
-                errors.load(Ordering::Relaxed)
+                tally.ok.load(Ordering::Relaxed),
+                tally.errors.load(Ordering::Relaxed)
             );
             let _ = std::io::stdout().flush();
         }
@@ -232,8 +212,8 @@ pub async fn run_bench(
     for t in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(12), t).await;
     }
-    let h = hist.lock().await;
-    let committed = ok.load(Ordering::Relaxed);
+    let h = tally.hist.lock().await;
+    let committed = tally.ok.load(Ordering::Relaxed);
     Ok(BenchResult {
         target: target.to_string(),
         mode: match args.rate {
@@ -243,7 +223,7 @@ pub async fn run_bench(
         payload_bytes: args.payload,
         seconds: measured,
         committed,
-        errors: errors.load(Ordering::Relaxed),
+        errors: tally.errors.load(Ordering::Relaxed),
         missed: missed.load(Ordering::Relaxed),
         throughput_per_sec: committed as f64 / measured.max(0.001),
         p50_ms: ms(&h, 0.50),
@@ -341,11 +321,18 @@ pub async fn bench(
         .iter()
         .filter(|r| super::http::get(r.http, "/readyz").is_some_and(|(c, _)| c == 200))
         .count();
-    if up < cluster.replicas.len() {
+    let n = cluster.replicas.len();
+    let quorum = n - (n - 1) / 3;
+    if up < quorum {
         bail!(
-            "only {up} of {} replicas are ready: start the cluster with `pbft up --data {}` first",
-            cluster.replicas.len(),
+            "only {up} of {n} replicas are ready, {quorum} needed: start the cluster with `pbft up --data {}` first",
             dir.display()
+        );
+    }
+    if up < n {
+        eprintln!(
+            "warning: {} of {n} replicas are not ready; measuring the degraded cluster",
+            n - up
         );
     }
     let target = format!("pbft n={} {}", cluster.replicas.len(), cluster.transport);
