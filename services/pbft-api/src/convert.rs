@@ -747,6 +747,33 @@ impl Wire for StableCheckpoint {
     }
 }
 
+/// The answer to the `SyncState` RPC, built from the same core value a TCP peer receives as
+/// a `SyncResponse` frame.
+pub fn to_sync_state_response(resp: &SyncResponse) -> pb::SyncStateResponse {
+    pb::SyncStateResponse {
+        height: resp.blocks.last().map_or(0, |b| b.height),
+        blocks: to_pb_list(&resp.blocks),
+        checkpoints: resp.checkpoint.iter().map(Wire::to_pb).collect(),
+    }
+}
+
+/// Converts a `SyncState` answer from an untrusted peer; only its latest checkpoint counts.
+pub fn from_sync_state_response(resp: pb::SyncStateResponse) -> Result<SyncResponse> {
+    let blocks = list("SyncStateResponse.blocks", MAX_SYNC_BLOCKS, resp.blocks)?;
+    if resp.checkpoints.len() > MAX_CERTIFICATE_SIGNATURES {
+        return Err(ConvertError::TooMany {
+            field: "SyncStateResponse.checkpoints",
+            got: resp.checkpoints.len(),
+            max: MAX_CERTIFICATE_SIGNATURES,
+        });
+    }
+    let checkpoint = match resp.checkpoints.into_iter().next_back() {
+        Some(c) => Some(CheckpointCert::from_pb(c)?),
+        None => None,
+    };
+    Ok(SyncResponse { blocks, checkpoint })
+}
+
 /// Wraps a core message in the `PBFTMessage` envelope, header filled in by `pbft_api`'s rules.
 ///
 /// `sender` and `node_id` name this replica: the id goes into a sync request (whose core form

@@ -15,6 +15,13 @@ pub trait Signer: Send + Sync {
     fn sign(&self, msg: &[u8]) -> Signature;
 }
 
+/// A shared signer signs too: one key can serve the protocol and a transport handshake.
+impl<S: Signer + ?Sized> Signer for std::sync::Arc<S> {
+    fn sign(&self, msg: &[u8]) -> Signature {
+        (**self).sign(msg)
+    }
+}
+
 /// Checks signatures of replicas and registered clients.
 pub trait Verifier: Send + Sync {
     /// True when `sig` is replica `who`'s signature over `msg`. Unknown replicas never verify.

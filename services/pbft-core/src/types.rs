@@ -50,12 +50,12 @@ impl Digest {
 
     /// Short hex prefix for logs.
     pub fn short(&self) -> String {
-        self.0[..4].iter().map(|b| format!("{b:02x}")).collect()
+        crate::encode::to_hex(&self.0[..4])
     }
 
     /// Full lowercase hex.
     pub fn to_hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
+        crate::encode::to_hex(&self.0)
     }
 }
 

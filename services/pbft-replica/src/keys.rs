@@ -21,24 +21,7 @@ pub enum KeyError {
     Invalid(String),
 }
 
-/// Parses 64 hex characters into 32 bytes.
-pub fn parse_hex32(text: &str) -> Option<[u8; 32]> {
-    let text = text.trim();
-    if text.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, chunk) in text.as_bytes().chunks(2).enumerate() {
-        let s = std::str::from_utf8(chunk).ok()?;
-        out[i] = u8::from_str_radix(s, 16).ok()?;
-    }
-    Some(out)
-}
-
-/// Lowercase hex of bytes.
-pub fn to_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+pub use pbft_core::encode::{parse_hex32, to_hex};
 
 /// Reads this replica's secret key.
 pub fn load_signer(path: &Path) -> Result<Ed25519Signer, KeyError> {

@@ -181,9 +181,9 @@ pub async fn run(
     cfg.validate(id)?;
     let core_cfg = cfg.core_config()?;
     let me = ReplicaId(id);
-    let signer = keys::load_signer(&cfg.key_file)?;
-    // The TCP handshake signs with the same key as the protocol.
-    let tcp_signer: Arc<dyn pbft_core::Signer> = Arc::new(keys::load_signer(&cfg.key_file)?);
+    // One key, read once: the protocol signs with it, and so does the TCP handshake.
+    let signer = Arc::new(keys::load_signer(&cfg.key_file)?);
+    let tcp_signer: Arc<dyn pbft_core::Signer> = signer.clone();
     let ring = Arc::new(keys::key_ring(&cfg)?);
     let expected = cfg.replicas[id as usize].public_key.trim().to_lowercase();
     if keys::to_hex(&signer.public().0) != expected {
@@ -201,8 +201,14 @@ pub async fn run(
     let recovered = store
         .recover()
         .with_context(|| format!("cannot recover from {}", db_path.display()))?;
-    let replica = Replica::recover(core_cfg, me, Box::new(signer), ring.clone(), recovered)
-        .context("stored state is inconsistent; refusing to start")?;
+    let replica = Replica::recover(
+        core_cfg,
+        me,
+        Box::new(signer.clone()),
+        ring.clone(),
+        recovered,
+    )
+    .context("stored state is inconsistent; refusing to start")?;
     let st = replica.status();
     info!(id, view = st.view, height = st.last_executed, "recovered");
 

@@ -35,21 +35,7 @@ pub struct ClusterFile {
     pub load_clients: Vec<u64>,
 }
 
-pub fn to_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-pub fn parse_hex32(text: &str) -> Option<[u8; 32]> {
-    let t = text.trim();
-    if t.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, c) in t.as_bytes().chunks(2).enumerate() {
-        out[i] = u8::from_str_radix(std::str::from_utf8(c).ok()?, 16).ok()?;
-    }
-    Some(out)
-}
+pub use pbft_core::encode::{parse_hex32, to_hex};
 
 /// 32 random bytes from the operating system.
 pub fn random_secret() -> Result<[u8; 32]> {

@@ -12,7 +12,7 @@ use pbft_api::pb;
 use pbft_api::pb::client_service_server::{ClientService, ClientServiceServer};
 use pbft_api::pb::pbft_service_client::PbftServiceClient;
 use pbft_api::pb::pbft_service_server::{PbftService, PbftServiceServer};
-use pbft_core::{CheckpointCert, Message, ReplicaId, Source, StateProvider, SyncResponse};
+use pbft_core::{Message, ReplicaId, Source, StateProvider, SyncResponse};
 use prost::Message as _;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
@@ -25,7 +25,9 @@ use crate::discovery::PeerResolver;
 use crate::metrics::Metrics;
 use crate::node::{Inbound, NodeHandle};
 use crate::status::SharedStatus;
-use pbft_api::convert::{Wire, from_envelope, to_envelope};
+use pbft_api::convert::{
+    Wire, from_envelope, from_sync_state_response, to_envelope, to_sync_state_response,
+};
 
 /// Settings shared by the server and the diallers.
 #[derive(Clone, Debug)]
@@ -138,7 +140,7 @@ impl GrpcOutbound {
                 }
                 Err(_) => return,
             };
-            match sync_response_from_pb(resp) {
+            match from_sync_state_response(resp) {
                 Ok(msg) => {
                     let _ = node.deliver(Inbound::Message {
                         from: Source::Replica(to),
@@ -149,28 +151,6 @@ impl GrpcOutbound {
             }
         });
     }
-}
-
-fn sync_response_from_pb(
-    resp: pb::SyncStateResponse,
-) -> Result<SyncResponse, pbft_api::convert::ConvertError> {
-    if resp.blocks.len() > 100_000 || resp.checkpoints.len() > 16 {
-        return Err(pbft_api::convert::ConvertError::TooMany {
-            field: "SyncStateResponse",
-            got: resp.blocks.len() + resp.checkpoints.len(),
-            max: 100_000,
-        });
-    }
-    let blocks = resp
-        .blocks
-        .into_iter()
-        .map(pbft_core::Block::from_pb)
-        .collect::<Result<Vec<_>, _>>()?;
-    let checkpoint = match resp.checkpoints.into_iter().next_back() {
-        Some(c) => Some(CheckpointCert::from_pb(c)?),
-        None => None,
-    };
-    Ok(SyncResponse { blocks, checkpoint })
 }
 
 impl Outbound for GrpcOutbound {
@@ -574,11 +554,7 @@ impl PbftService for GrpcServer {
         .await
         .map_err(|e| Status::internal(e.to_string()))?
         .map_err(|e| Status::internal(e.to_string()))?;
-        Ok(Response::new(pb::SyncStateResponse {
-            height: resp.blocks.last().map_or(0, |b| b.height),
-            blocks: resp.blocks.iter().map(Wire::to_pb).collect(),
-            checkpoints: resp.checkpoint.iter().map(Wire::to_pb).collect(),
-        }))
+        Ok(Response::new(to_sync_state_response(&resp)))
     }
 
     async fn get_checkpoint(
