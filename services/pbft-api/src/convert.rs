@@ -24,7 +24,7 @@ use pbft_core::kv::ClientRecord;
 use pbft_core::{
     Batch, Block, Checkpoint, CheckpointCert, ClientId, Commit, Digest, Message, NewView, OpResult,
     Operation, PrePrepare, Prepare, PreparedProof, ReplicaId, Reply, Request, Signature, Signed,
-    Snapshot, StableCheckpoint, SyncRequest, SyncResponse, ViewChange,
+    Snapshot, StableCheckpoint, StatusAnnouncement, SyncRequest, SyncResponse, ViewChange,
 };
 use prost::Message as _;
 
@@ -422,6 +422,27 @@ impl Wire for Checkpoint {
     }
 }
 
+impl Wire for StatusAnnouncement {
+    type Pb = pb::StatusAnnouncement;
+    const PB_NAME: &'static str = "StatusAnnouncement";
+
+    fn to_pb(&self) -> pb::StatusAnnouncement {
+        pb::StatusAnnouncement {
+            view: self.view,
+            height: self.height,
+            replica_id: self.replica.0,
+        }
+    }
+
+    fn from_pb(pb: pb::StatusAnnouncement) -> Result<Self> {
+        Ok(StatusAnnouncement {
+            view: pb.view,
+            height: pb.height,
+            replica: ReplicaId(pb.replica_id),
+        })
+    }
+}
+
 /// `Signed<T>` for each signed body that has a `Signed*` protobuf message. (`Signed<NewView>`
 /// has none: its signature travels in the envelope, see [`to_envelope`].)
 macro_rules! signed_wire {
@@ -469,6 +490,11 @@ signed_wire!(PrePrepare, pb::SignedPrePrepare, "SignedPrePrepare");
 signed_wire!(Prepare, pb::SignedPrepare, "SignedPrepare");
 signed_wire!(Commit, pb::SignedCommit, "SignedCommit");
 signed_wire!(Checkpoint, pb::SignedCheckpoint, "SignedCheckpoint");
+signed_wire!(
+    StatusAnnouncement,
+    pb::SignedStatusAnnouncement,
+    "SignedStatusAnnouncement"
+);
 signed_wire!(ViewChange, pb::SignedViewChange, "SignedViewChange");
 
 impl Wire for PreparedProof {
@@ -798,6 +824,7 @@ pub fn to_envelope(msg: &Message, sender: ReplicaId, node_id: &str) -> pb::PbftM
             replica_id: sender.0,
         }),
         Message::SyncResponse(r) => Payload::SyncResponse(r.to_pb()),
+        Message::StatusAnnouncement(m) => Payload::StatusAnnouncement(m.to_pb()),
     };
     let mut envelope = payload.into_envelope(node_id);
     envelope.signature = envelope_signature;
@@ -830,6 +857,7 @@ pub fn from_envelope(envelope: &pb::PbftMessage) -> Result<Message> {
             max_blocks: r.max_blocks,
         }),
         Payload::SyncResponse(r) => Message::SyncResponse(SyncResponse::from_pb(r)?),
+        Payload::StatusAnnouncement(m) => Message::StatusAnnouncement(Signed::from_pb(m)?),
     })
 }
 
@@ -1009,6 +1037,14 @@ mod tests {
                     blocks: Vec::new(),
                     checkpoint: None,
                 }),
+                Message::StatusAnnouncement(Signed::sign(
+                    StatusAnnouncement {
+                        view: 3,
+                        height: 41,
+                        replica: ReplicaId(1),
+                    },
+                    self.key(ReplicaId(1)),
+                )),
             ]
         }
     }
@@ -1027,6 +1063,7 @@ mod tests {
                 m.verify(N, ring) && m.body.view_changes.iter().all(|vc| vc.verify(N, ring))
             }
             Message::SyncRequest(_) => true,
+            Message::StatusAnnouncement(m) => m.verify(N, ring),
             Message::SyncResponse(r) => {
                 let mut prev = Digest::ZERO;
                 let blocks_ok = r.blocks.iter().all(|b| {
@@ -1075,6 +1112,10 @@ mod tests {
                 Message::NewView(m) => {
                     assert_eq!(env.view, m.body.view);
                     assert_eq!(env.signature, m.signature.0);
+                }
+                Message::StatusAnnouncement(m) => {
+                    assert_eq!((env.view, env.sequence), (m.body.view, m.body.height));
+                    assert!(env.digest.is_empty());
                 }
                 Message::SyncRequest(_) => {
                     let Ok(Payload::SyncRequest(r)) = env.decode_payload() else {

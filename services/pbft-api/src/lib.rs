@@ -104,6 +104,8 @@ pub enum Payload {
     SyncRequest(pb::SyncRequest),
     /// `MESSAGE_TYPE_SYNC_RESPONSE`.
     SyncResponse(pb::SyncResponse),
+    /// `MESSAGE_TYPE_STATUS_ANNOUNCEMENT`.
+    StatusAnnouncement(pb::SignedStatusAnnouncement),
 }
 
 impl Payload {
@@ -119,6 +121,7 @@ impl Payload {
             Self::Request(_) => MessageType::Request,
             Self::SyncRequest(_) => MessageType::SyncRequest,
             Self::SyncResponse(_) => MessageType::SyncResponse,
+            Self::StatusAnnouncement(_) => MessageType::StatusAnnouncement,
         }
     }
 
@@ -157,6 +160,9 @@ impl Payload {
             MessageType::SyncResponse => {
                 Self::SyncResponse(pb::SyncResponse::decode(bytes).map_err(decode_error)?)
             }
+            MessageType::StatusAnnouncement => Self::StatusAnnouncement(
+                pb::SignedStatusAnnouncement::decode(bytes).map_err(decode_error)?,
+            ),
         })
     }
 
@@ -172,6 +178,7 @@ impl Payload {
             Self::Request(m) => m.encode_to_vec(),
             Self::SyncRequest(m) => m.encode_to_vec(),
             Self::SyncResponse(m) => m.encode_to_vec(),
+            Self::StatusAnnouncement(m) => m.encode_to_vec(),
         }
     }
 
@@ -199,6 +206,9 @@ impl Payload {
                 .map_or(NONE, |b| (0, b.sequence, &b.state_digest)),
             Self::ViewChange(m) => m.body.as_ref().map_or(NONE, |b| (b.new_view, 0, &[])),
             Self::NewView(m) => (m.view, 0, &[]),
+            Self::StatusAnnouncement(m) => {
+                m.body.as_ref().map_or(NONE, |b| (b.view, b.height, &[]))
+            }
             Self::Request(_) | Self::SyncRequest(_) | Self::SyncResponse(_) => NONE,
         }
     }

@@ -23,6 +23,7 @@ pub(crate) mod tag {
     pub const STATE: u8 = 10;
     pub const RESULTS: u8 = 11;
     pub const CHECKPOINT_STATE: u8 = 12;
+    pub const STATUS: u8 = 13;
 }
 
 /// Appends fixed-width big-endian integers and length-prefixed byte strings.

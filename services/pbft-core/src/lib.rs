@@ -40,8 +40,8 @@ pub use config::{Config, ConfigError};
 pub use crypto::{Ed25519Signer, KeyRing, PublicKey, Signer, Verifier};
 pub use kv::{KvStore, Snapshot};
 pub use message::{
-    Checkpoint, Commit, Message, NewView, PrePrepare, Prepare, PreparedProof, Signed, SyncRequest,
-    SyncResponse, ViewChange, primary,
+    Checkpoint, Commit, Message, NewView, PrePrepare, Prepare, PreparedProof, Signed,
+    StatusAnnouncement, SyncRequest, SyncResponse, ViewChange, primary,
 };
 pub use output::{Envelope, Event, Input, Output, Source, Target};
 pub use reject::{RejectCounts, RejectReason};

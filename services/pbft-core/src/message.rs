@@ -142,6 +142,28 @@ impl Signable for Checkpoint {
     }
 }
 
+/// Where a replica stands, announced every status interval: a claim, which f+1 matching
+/// peers must make before anyone acts on it (by fetching blocks it verifies itself).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StatusAnnouncement {
+    /// The sender's view (its target view while changing views).
+    pub view: View,
+    /// The height of the last block the sender executed.
+    pub height: Seq,
+    pub replica: ReplicaId,
+}
+
+impl Signable for StatusAnnouncement {
+    fn signing_bytes(&self) -> Vec<u8> {
+        let mut e = Encoder::new(tag::STATUS);
+        e.u64(self.view).u64(self.height).u32(self.replica.0);
+        e.finish()
+    }
+    fn author(&self, _: usize) -> ReplicaId {
+        self.replica
+    }
+}
+
 /// Proof that a batch was prepared at some replica: the primary's pre-prepare plus 2f
 /// matching prepares from distinct backups.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -262,6 +284,7 @@ pub enum Message {
     NewView(Signed<NewView>),
     SyncRequest(SyncRequest),
     SyncResponse(SyncResponse),
+    StatusAnnouncement(Signed<StatusAnnouncement>),
 }
 
 impl Message {
@@ -277,6 +300,7 @@ impl Message {
             Message::NewView(_) => "new_view",
             Message::SyncRequest(_) => "sync_request",
             Message::SyncResponse(_) => "sync_response",
+            Message::StatusAnnouncement(_) => "status",
         }
     }
 }

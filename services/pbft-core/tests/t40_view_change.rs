@@ -8,7 +8,7 @@ mod common;
 
 use common::*;
 use pbft_core::{
-    Batch, Event, Message, NewView, OpResult, Output, PersistOp, RejectReason, SyncRequest,
+    Batch, Config, Event, Message, NewView, OpResult, Output, PersistOp, RejectReason, SyncRequest,
     ViewChange,
 };
 
@@ -101,18 +101,54 @@ fn executing_the_request_stops_its_timer() {
 }
 
 #[test]
-fn the_view_change_timeout_doubles_up_to_its_cap() {
-    // Changing to view 1 since tick 0 and no new view arrives.
-    let mut b = replica_in_view(2, 1, true);
+fn the_view_change_timer_starts_at_a_quorum_and_doubles_up_to_its_cap() {
+    // Replica 3 is changing to view 1 (primary 1), and nobody else has asked for it yet.
+    let mut b = replica_in_view(3, 1, true);
+    // Alone, it keeps asking for view 1 however long it waits: a replica cut off with a
+    // request while the others carried on must not climb views by itself.
+    assert_eq!(tick(&mut b, 500), Output::default());
+    // 2f+1 replicas want view 1: the timer for the new view starts now.
+    for by in [0, 1, 2] {
+        deliver(&mut b, by, vc_message(by, 1, vec![]));
+    }
     assert_eq!(tick(&mut b, 19), Output::default());
-    assert_eq!(tick(&mut b, 1), started(2, 2, vec![]));
+    assert_eq!(tick(&mut b, 1), started(2, 3, vec![]));
+    // Alone again in view 2 (for less than the retransmit interval).
+    assert_eq!(tick(&mut b, 400), Output::default());
+    for by in [0, 1, 2] {
+        deliver(&mut b, by, vc_message(by, 2, vec![]));
+    }
+    // The timeout doubled to 40.
     assert_eq!(tick(&mut b, 39), Output::default());
-    assert_eq!(tick(&mut b, 1), started(3, 2, vec![]));
-    assert_eq!(tick(&mut b, 79), Output::default());
-    assert_eq!(tick(&mut b, 1), started(4, 2, vec![]));
-    // max_view_change_timeout = 80.
-    assert_eq!(tick(&mut b, 79), Output::default());
-    assert_eq!(tick(&mut b, 1), started(5, 2, vec![]));
+    assert_eq!(tick(&mut b, 1), started(3, 3, vec![]));
+    let sent: Vec<Message> = [0, 1, 2]
+        .into_iter()
+        .flat_map(|by| deliver(&mut b, by, vc_message(by, 3, vec![])).messages)
+        .map(|e| e.msg)
+        .collect();
+    assert!(
+        sent.iter().any(|m| matches!(m, Message::NewView(_))),
+        "replica 3 is the primary of view 3 and has 2f+1 view changes: {sent:?}"
+    );
+}
+
+#[test]
+fn the_view_change_timeout_doubles_up_to_its_cap() {
+    let cfg = Config {
+        max_view_change_timeout: 60,
+        ..config()
+    };
+    let mut b = replica_with(cfg, 0);
+    // Each view gets 2f+1 view changes (replica 0 joins view 1 on f+1), never a new view.
+    let mut view = 0;
+    for wait in [20, 40, 60] {
+        view += 1;
+        for by in [1, 2, 3] {
+            deliver(&mut b, by, vc_message(by, view, vec![]));
+        }
+        assert_eq!(tick(&mut b, wait - 1), Output::default(), "view {view}");
+        assert_eq!(tick(&mut b, 1), started(view + 1, 0, vec![]), "view {view}");
+    }
 }
 
 #[test]

@@ -8,8 +8,9 @@ mod common;
 
 use common::*;
 use pbft_core::{
-    Block, CheckpointCert, Digest, Event, Message, Output, PersistOp, RejectReason, Replica,
-    Signature, StableCheckpoint, StateProvider, SyncRequest, SyncResponse,
+    Block, CheckpointCert, Config, Digest, Event, Message, Output, PersistOp, RejectReason,
+    Replica, Signature, StableCheckpoint, StateProvider, StatusAnnouncement, SyncRequest,
+    SyncResponse,
 };
 
 /// A cluster that executed `count` requests without replica 3, and replica 3 taken out of
@@ -408,4 +409,74 @@ fn a_replica_cut_off_for_two_checkpoints_catches_up_by_sync_in_chunks() {
         }]
     );
     assert_eq!(c.store(3).height(), 12);
+}
+
+/// Between checkpoints there is no checkpoint vote to learn a height from: the status
+/// announcements carry it. A replica cut off for two requests, then healed on an idle
+/// cluster, fetches the two blocks once f+1 peers announce them and it has been stalled.
+#[test]
+fn status_announcements_bring_an_idle_laggard_up_to_date_between_checkpoints() {
+    let cfg = Config {
+        status_interval: 50,
+        ..config()
+    };
+    let mut c = Cluster::with_config(cfg);
+    c.isolate(3);
+    c.execute(1, 1);
+    c.execute(2, 1);
+    c.heal();
+    assert_eq!(c.replica(0).status().last_executed, 2);
+    assert_eq!(c.replica(3).status().last_executed, 0);
+    // Not before the replica has been without progress for a retransmit interval (1,000):
+    // ordinary pipelining also leaves replicas a little behind.
+    c.tick(900);
+    assert_eq!(c.replica(3).status().last_executed, 0);
+    c.tick(200);
+    let s = c.replica(3).status();
+    assert_eq!(
+        (s.last_executed, s.head_hash),
+        (2, c.replica(0).status().head_hash)
+    );
+    assert!(
+        c.events
+            .iter()
+            .any(|(who, e)| *who == r(3) && *e == Event::SyncStarted { from: 1, target: 2 })
+    );
+}
+
+/// One peer's claim is not enough (it may be lying); f+1 claims are, up to the lower one.
+#[test]
+fn one_status_announcement_ahead_is_not_enough_to_sync_f_plus_1_are() {
+    let mut b = replica(3);
+    tick(&mut b, 1_000);
+    let ann = |by: u32, height| {
+        Message::StatusAnnouncement(sign(
+            by,
+            StatusAnnouncement {
+                view: 0,
+                height,
+                replica: r(by),
+            },
+        ))
+    };
+    assert_eq!(deliver(&mut b, 1, ann(1, 40)), Output::default());
+    assert_eq!(
+        deliver(&mut b, 2, ann(2, 7)),
+        Output {
+            messages: vec![sync_request(1, 1)],
+            events: vec![Event::SyncStarted { from: 1, target: 7 }],
+            ..Output::default()
+        }
+    );
+    // A forged announcement (signed by someone else) is refused.
+    let forged = Message::StatusAnnouncement(sign(
+        0,
+        StatusAnnouncement {
+            view: 0,
+            height: 99,
+            replica: r(1),
+        },
+    ));
+    let out = deliver(&mut b, 1, forged);
+    assert_eq!(out, rejected(RejectReason::BadSignature));
 }

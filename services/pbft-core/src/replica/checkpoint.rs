@@ -10,7 +10,7 @@ use crate::message::{Checkpoint, Message, Signed};
 use crate::output::Event;
 use crate::reject::RejectReason;
 use crate::storage::{PersistOp, StableCheckpoint};
-use crate::types::{Digest, Seq};
+use crate::types::{Digest, ReplicaId, Seq};
 
 impl Replica {
     /// Called right after executing a checkpoint height.
@@ -41,8 +41,7 @@ impl Replica {
             return;
         }
         let who = m.body.replica;
-        let claimed = self.claimed.entry(who).or_insert(0);
-        *claimed = (*claimed).max(seq);
+        self.note_claim(who, seq);
         if seq <= self.stable.seq {
             // Already stable here: an announcement of where the sender is, nothing to count.
             return;
@@ -134,6 +133,13 @@ impl Replica {
         if self.is_primary() && !self.changing {
             self.try_propose();
         }
+    }
+
+    /// Remembers the highest sequence `who` claims to have executed (from its checkpoint votes
+    /// and status announcements); `check_lag` acts on f+1 such claims.
+    pub(super) fn note_claim(&mut self, who: ReplicaId, seq: Seq) {
+        let claimed = self.claimed.entry(who).or_insert(0);
+        *claimed = (*claimed).max(seq);
     }
 
     /// If f+1 replicas (so at least one honest) claim checkpoints above what this replica

@@ -69,7 +69,8 @@ pub struct Replica {
     /// Current view, or the view being changed to while `changing`.
     view: View,
     changing: bool,
-    view_change_since: Tick,
+    /// When 2f+1 view changes for `view` were first seen: the new view's timer starts then.
+    view_change_quorum_at: Option<Tick>,
     /// Current view-change timeout; doubles with each view change that makes no progress.
     vc_timeout: Tick,
 
@@ -161,7 +162,7 @@ impl Replica {
             now: 0,
             view: state.view,
             changing: state.changing,
-            view_change_since: 0,
+            view_change_quorum_at: None,
             vc_timeout,
             slots: BTreeMap::new(),
             prepared: BTreeMap::new(),
@@ -256,6 +257,7 @@ impl Replica {
             Message::Prepare(m) => self.on_prepare(m),
             Message::Commit(m) => self.on_commit(m),
             Message::Checkpoint(m) => self.on_checkpoint(m),
+            Message::StatusAnnouncement(m) => self.on_status_announcement(m),
             Message::ViewChange(m) => self.on_view_change(m),
             Message::NewView(m) => self.on_new_view(m),
             Message::SyncRequest(_) => {
@@ -273,11 +275,18 @@ impl Replica {
     fn on_tick(&mut self) {
         self.now += 1;
         if self.changing {
-            if self.now.saturating_sub(self.view_change_since) >= self.vc_timeout {
-                // The new primary did not deliver a valid new view in time: try the next one,
-                // waiting longer, so that eventually some correct primary gets enough time.
-                self.vc_timeout = (self.vc_timeout * 2).min(self.cfg.max_view_change_timeout);
-                self.start_view_change(self.view + 1);
+            // The new view's timer runs only once 2f+1 replicas asked for it (Castro & Liskov
+            // section 4.5.2): a replica alone in a view change, e.g. cut off with a request
+            // while the others carried on, keeps asking for the same view instead of climbing
+            // views on its own, so it is still there when the others next change views.
+            if let Some(since) = self.view_change_quorum_at {
+                if self.now.saturating_sub(since) >= self.vc_timeout {
+                    // The new primary did not deliver a valid new view in time: try the next
+                    // one, waiting longer, so that eventually some correct primary gets
+                    // enough time.
+                    self.vc_timeout = (self.vc_timeout * 2).min(self.cfg.max_view_change_timeout);
+                    self.start_view_change(self.view + 1);
+                }
             }
         } else if let Some(&(since, _)) = self.timers.first() {
             if self.now.saturating_sub(since) >= self.vc_timeout {

@@ -4,7 +4,8 @@
 //! evidently missed them.
 
 use super::Replica;
-use crate::message::Message;
+use crate::message::{Message, Signed, StatusAnnouncement};
+use crate::reject::RejectReason;
 use crate::types::{ReplicaId, Seq};
 
 impl Replica {
@@ -47,16 +48,41 @@ impl Replica {
         }
     }
 
-    /// Announces this replica's newest checkpoint vote every `status_interval`, so peers
-    /// that fell behind while the cluster was idle learn it and sync.
+    /// Every `status_interval`, announces this replica's view and height, and re-sends its
+    /// newest checkpoint vote, so that peers which fell behind while the cluster was idle
+    /// (or sat alone in a view change while the others carried on) learn it and sync.
     pub(super) fn status_tick(&mut self) {
         if self.now.saturating_sub(self.last_status) < self.cfg.status_interval {
             return;
         }
         self.last_status = self.now;
+        let announcement = self.sign(StatusAnnouncement {
+            view: self.view,
+            height: self.last_executed,
+            replica: self.id,
+        });
+        self.broadcast(Message::StatusAnnouncement(announcement));
         if let Some(vote) = self.latest_checkpoint_vote.clone() {
             self.broadcast(Message::Checkpoint(vote));
         }
+    }
+
+    /// A peer's view and height: a claim that counts towards syncing once f+1 peers make it
+    /// (see `check_lag`), and a sign of a view we may have missed.
+    pub(super) fn on_status_announcement(&mut self, m: Signed<StatusAnnouncement>) {
+        if let Err(reason) = self.authenticate(&m) {
+            self.reject(reason);
+            return;
+        }
+        let who = m.body.replica;
+        if who == self.id {
+            self.reject(RejectReason::Duplicate);
+            return;
+        }
+        self.note_claim(who, m.body.height);
+        self.saw_view(who, m.body.view);
+        self.maybe_follow_views();
+        self.check_lag();
     }
 
     /// `to` repeated a vote for `seq`, which this replica has committed: send it what it

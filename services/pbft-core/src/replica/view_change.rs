@@ -30,7 +30,7 @@ impl Replica {
         }
         self.view = new_view;
         self.changing = true;
-        self.view_change_since = self.now;
+        self.view_change_quorum_at = None;
         self.slots.clear();
         self.proposed.clear();
         self.new_view = None;
@@ -53,7 +53,23 @@ impl Replica {
         self.view_changes.insert(self.id, vc.clone());
         self.broadcast(Message::ViewChange(vc));
         self.event(Event::ViewChangeStarted { view: new_view });
+        self.note_view_change_quorum();
         self.try_new_view();
+    }
+
+    /// Starts the new view's timer once 2f+1 replicas (this one included) ask for it.
+    fn note_view_change_quorum(&mut self) {
+        if !self.changing || self.view_change_quorum_at.is_some() {
+            return;
+        }
+        let asking = self
+            .view_changes
+            .values()
+            .filter(|vc| vc.body.new_view == self.view)
+            .count();
+        if asking >= self.cfg.quorum() {
+            self.view_change_quorum_at = Some(self.now);
+        }
     }
 
     pub(super) fn on_view_change(&mut self, m: Signed<ViewChange>) {
@@ -93,6 +109,7 @@ impl Replica {
         self.saw_view(who, m.body.new_view);
         self.view_changes.insert(who, m);
         self.join_view_changes();
+        self.note_view_change_quorum();
         self.try_new_view();
     }
 
