@@ -68,6 +68,27 @@ impl Default for StatefulSetPeers {
     }
 }
 
+/// TLS on the gRPC transport: the listener (replicas and clients) presents `cert_file`, and
+/// dialled peers must present a certificate signed by `ca_file` for the name they are
+/// dialled at (or `server_name`). Messages are signed either way; TLS adds confidentiality
+/// and keeps a man in the middle from reading or replaying traffic.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain this replica presents. It must name the host peers and clients
+    /// dial (in Kubernetes: `*.<headless service>.<namespace>.svc.<cluster domain>` and the
+    /// client Service), unless they verify against `server_name`.
+    pub cert_file: PathBuf,
+    /// PEM private key of `cert_file`.
+    pub key_file: PathBuf,
+    /// PEM certificate(s) of the CA that signed the peers' certificates.
+    pub ca_file: PathBuf,
+    /// Verify peers' certificates against this name instead of the host they are dialled at
+    /// (for addresses that are IPs, or one certificate shared by every replica).
+    #[serde(default)]
+    pub server_name: Option<String>,
+}
+
 /// Protocol parameters (see `pbft_core::Config`); times in milliseconds.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -149,7 +170,9 @@ pub struct Config {
     /// HTTP sidecar: /healthz, /readyz, /metrics, /status.
     pub http_listen: SocketAddr,
     pub data_dir: PathBuf,
-    /// File holding this replica's ed25519 secret key as 64 hex characters.
+    /// File holding this replica's ed25519 secret key as 64 hex characters. `{id}` in the
+    /// path is replaced by the replica id, so every pod of a StatefulSet can share one
+    /// configuration (`/etc/pbft/keys/replica-{id}.key`).
     pub key_file: PathBuf,
     pub transport: TransportKind,
     /// Every replica in id order.
@@ -159,6 +182,8 @@ pub struct Config {
     pub clients: Vec<ClientEntry>,
     pub protocol: ProtocolConfig,
     pub net: NetConfig,
+    /// TLS for the gRPC transport and client API (none by default).
+    pub tls: Option<TlsConfig>,
     /// /readyz fails while the replica is more than this many blocks behind.
     pub ready_max_lag: u64,
     /// How long a client's `Submit` call waits for this replica's reply.
@@ -185,6 +210,7 @@ impl Default for Config {
             clients: Vec::new(),
             protocol: ProtocolConfig::default(),
             net: NetConfig::default(),
+            tls: None,
             ready_max_lag: 256,
             submit_timeout_ms: 30_000,
             log_format: "text".into(),
@@ -293,12 +319,27 @@ impl Config {
                 }
             }
         }
+        if self.tls.is_some() && self.transport == TransportKind::Tcp {
+            return Err(ConfigError::Invalid(
+                "tls needs transport: grpc (the TCP transport authenticates peers with its own signed handshake but does not encrypt)".into(),
+            ));
+        }
         if self.net.max_message_bytes < 1024 {
             return Err(ConfigError::Invalid(
                 "net.max_message_bytes must be at least 1024".into(),
             ));
         }
         Ok(())
+    }
+
+    /// The key file of replica `id`, with `{id}` expanded.
+    pub fn key_file_for(&self, id: u32) -> PathBuf {
+        let path = self.key_file.to_string_lossy();
+        if path.contains("{id}") {
+            PathBuf::from(path.replace("{id}", &id.to_string()))
+        } else {
+            self.key_file.clone()
+        }
     }
 
     pub fn dial_timeout(&self) -> Duration {
@@ -338,6 +379,34 @@ mod tests {
         assert_eq!(c.replica_id(Some("my-cluster-pbft-12")).unwrap(), 12);
         assert!(c.replica_id(Some("pbft")).is_err());
         assert!(c.replica_id(None).is_err());
+    }
+
+    #[test]
+    fn key_file_expands_the_id() {
+        let c = Config {
+            key_file: PathBuf::from("/etc/pbft/keys/replica-{id}.key"),
+            ..Config::default()
+        };
+        assert_eq!(
+            c.key_file_for(3),
+            PathBuf::from("/etc/pbft/keys/replica-3.key")
+        );
+        assert_eq!(
+            Config::default().key_file_for(3),
+            PathBuf::from("replica.key")
+        );
+    }
+
+    #[test]
+    fn tls_needs_the_grpc_transport() {
+        let mut c = Config::from_yaml(
+            "id: 0\ntransport: tcp\ntls:\n  cert_file: a.crt\n  key_file: a.key\n  ca_file: ca.crt\nreplicas:\n  - public_key: aa\n    address: 127.0.0.1:7000\n  - public_key: bb\n    address: 127.0.0.2:7000\n  - public_key: cc\n    address: 127.0.0.3:7000\n  - public_key: dd\n    address: 127.0.0.4:7000\n",
+        )
+        .unwrap();
+        let err = c.validate(0).unwrap_err().to_string();
+        assert!(err.contains("tls needs transport: grpc"), "{err}");
+        c.transport = TransportKind::Grpc;
+        c.validate(0).unwrap();
     }
 
     #[test]

@@ -55,15 +55,21 @@ pub fn peer_addresses(cfg: &Config) -> Vec<(ReplicaId, String)> {
 }
 
 /// Transport and client-API settings from the configuration.
-fn grpc_settings(cfg: &Config) -> GrpcSettings {
-    GrpcSettings {
+fn grpc_settings(cfg: &Config) -> Result<GrpcSettings> {
+    let tls = cfg
+        .tls
+        .as_ref()
+        .map(transport::tls::TlsMaterial::load)
+        .transpose()?;
+    Ok(GrpcSettings {
         max_message_bytes: cfg.net.max_message_bytes,
         dial_timeout: cfg.dial_timeout(),
         queue_capacity: cfg.net.queue_capacity,
         backoff_min: Duration::from_millis(cfg.net.backoff_min_ms),
         backoff_max: Duration::from_millis(cfg.net.backoff_max_ms),
         submit_timeout: Duration::from_millis(cfg.submit_timeout_ms),
-    }
+        tls,
+    })
 }
 
 type Task<E> = tokio::task::JoinHandle<Result<(), E>>;
@@ -131,7 +137,7 @@ async fn run_unreplicated(
         provider,
         status: status.clone(),
         metrics: metrics.clone(),
-        settings: grpc_settings(&cfg),
+        settings: grpc_settings(&cfg)?,
     };
     let server_task = spawn_grpc(
         cfg.listen,
@@ -182,14 +188,15 @@ pub async fn run(
     let core_cfg = cfg.core_config()?;
     let me = ReplicaId(id);
     // One key, read once: the protocol signs with it, and so does the TCP handshake.
-    let signer = Arc::new(keys::load_signer(&cfg.key_file)?);
+    let key_file = cfg.key_file_for(id);
+    let signer = Arc::new(keys::load_signer(&key_file)?);
     let tcp_signer: Arc<dyn pbft_core::Signer> = signer.clone();
     let ring = Arc::new(keys::key_ring(&cfg)?);
     let expected = cfg.replicas[id as usize].public_key.trim().to_lowercase();
     if keys::to_hex(&signer.public().0) != expected {
         anyhow::bail!(
             "key file {} does not match replicas[{id}].public_key",
-            cfg.key_file.display()
+            key_file.display()
         );
     }
 
@@ -227,7 +234,7 @@ pub async fn run(
     let stop = Arc::new(AtomicBool::new(false));
     let provider: Arc<dyn pbft_core::StateProvider + Send + Sync> = Arc::new(store.reader());
 
-    let settings = grpc_settings(&cfg);
+    let settings = grpc_settings(&cfg)?;
 
     // The outbound side needs the node handle and the node needs the outbound side: build
     // the outbound through a slot the node reads after start.

@@ -38,6 +38,8 @@ pub struct GrpcSettings {
     pub backoff_min: Duration,
     pub backoff_max: Duration,
     pub submit_timeout: Duration,
+    /// TLS on the listener and on dials, when configured.
+    pub tls: Option<super::tls::TlsMaterial>,
 }
 
 type Provider = Arc<dyn StateProvider + Send + Sync>;
@@ -268,10 +270,22 @@ impl Dialler {
             .await
             .map_err(|e| e.to_string())?;
         debug!(peer = self.peer.0, addr = %self.addr, %remote, "dialling peer");
-        let endpoint = Endpoint::from_shared(format!("http://{remote}"))
+        let scheme = if self.settings.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{remote}"))
             .map_err(|e| e.to_string())?
             .connect_timeout(self.settings.dial_timeout)
             .tcp_nodelay(true);
+        if let Some(tls) = &self.settings.tls {
+            // Verified against the name we dial (not the resolved IP), as certificates name
+            // hosts.
+            endpoint = endpoint
+                .tls_config(tls.client_for(&self.addr))
+                .map_err(|e| format!("TLS: {e}"))?;
+        }
         let channel = tokio::time::timeout(self.settings.dial_timeout, endpoint.connect())
             .await
             .map_err(|_| "dial timed out".to_string())?
@@ -376,14 +390,18 @@ impl GrpcServer {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), tonic::transport::Error> {
         let max = self.settings.max_message_bytes;
+        let tls = self.settings.tls.clone();
         let pbft = PbftServiceServer::new(self.clone())
             .max_decoding_message_size(max)
             .max_encoding_message_size(max);
         let client = ClientServiceServer::new(self)
             .max_decoding_message_size(max)
             .max_encoding_message_size(max);
-        tonic::transport::Server::builder()
-            .tcp_nodelay(true)
+        let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
+        if let Some(tls) = &tls {
+            builder = builder.tls_config(tls.server())?;
+        }
+        builder
             .add_service(pbft)
             .add_service(client)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)

@@ -4,6 +4,7 @@
 
 pub mod grpc;
 pub mod tcp;
+pub mod tls;
 
 use std::time::Duration;
 

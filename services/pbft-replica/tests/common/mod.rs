@@ -22,6 +22,41 @@ pub struct Options {
     pub env: Vec<(String, String)>,
     /// Peers derived from StatefulSet naming instead of listed addresses.
     pub statefulset: Option<StatefulSetOptions>,
+    /// TLS on the gRPC listeners, with a fresh test CA (see [`TestCa`]).
+    pub tls: bool,
+}
+
+/// The name every test replica's certificate carries (replicas are dialled by IP, so they
+/// verify against this name: `tls.server_name`).
+pub const TLS_NAME: &str = "replicas.pbft.test";
+
+/// A throwaway CA and one certificate for all replicas, written as PEM files.
+pub struct TestCa {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl TestCa {
+    pub fn new() -> TestCa {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate().expect("CA key");
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "pbft test CA");
+        let ca_cert = ca_params.self_signed(&ca_key).expect("CA cert");
+        let issuer = Issuer::new(ca_params, ca_key);
+        let key = KeyPair::generate().expect("replica key");
+        let params = CertificateParams::new(vec![TLS_NAME.to_string()]).expect("params");
+        let cert = params.signed_by(&key, &issuer).expect("replica cert");
+        TestCa {
+            ca_pem: ca_cert.pem(),
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
 }
 
 /// StatefulSet mode: the replicas' configs name no peer addresses; every replica listens on
@@ -46,6 +81,8 @@ pub struct Cluster {
     procs: Vec<Option<Child>>,
     /// Extra environment for every replica process (after `RUST_LOG`, so it may override it).
     env: Vec<(String, String)>,
+    /// How clients verify the replicas, when TLS is on.
+    pub client_tls: Option<pbft_client::ClientTls>,
 }
 
 /// A free port on `ip`, chosen below the kernel's ephemeral range (32768+) so that no
@@ -146,6 +183,27 @@ impl Cluster {
                 s.dns_server
             ),
         };
+        let (tls, client_tls) = if opts.tls {
+            let ca = TestCa::new();
+            let write = |name: &str, pem: &str| {
+                let path = dir.path().join(name);
+                std::fs::write(&path, pem).expect("write pem");
+                path.display().to_string()
+            };
+            let section = format!(
+                "tls:\n  cert_file: {}\n  key_file: {}\n  ca_file: {}\n  server_name: {TLS_NAME}\n",
+                write("replica.crt", &ca.cert_pem),
+                write("replica.key.pem", &ca.key_pem),
+                write("ca.crt", &ca.ca_pem),
+            );
+            let client = pbft_client::ClientTls {
+                ca_pem: ca.ca_pem.into_bytes(),
+                server_name: Some(TLS_NAME.to_string()),
+            };
+            (section, Some(client))
+        } else {
+            (String::new(), None)
+        };
         let mut clients = String::new();
         for c in 0..4u64 {
             let pk = to_hex(&Ed25519Signer::from_secret(client_secret(c)).public().0);
@@ -160,7 +218,7 @@ impl Cluster {
                 String::new()
             };
             let cfg = format!(
-                "id: {i}\nlisten: {}\n{client_line}http_listen: {}\ndata_dir: {}\nkey_file: {}\ntransport: {transport}\nready_max_lag: 4\nsubmit_timeout_ms: 5000\nprotocol:\n  checkpoint_interval: 8\n  log_window: 32\n  view_change_timeout_ms: 1000\n  retransmit_interval_ms: 200\n  sync_timeout_ms: 1000\n  sync_chunk: 16\nnet:\n  max_message_bytes: 1048576\n  queue_capacity: 64\n  backoff_min_ms: 50\n  backoff_max_ms: 500\nreplicas:\n{replicas}clients:\n{clients}{statefulset}",
+                "id: {i}\nlisten: {}\n{client_line}http_listen: {}\ndata_dir: {}\nkey_file: {}\ntransport: {transport}\nready_max_lag: 4\nsubmit_timeout_ms: 5000\nprotocol:\n  checkpoint_interval: 8\n  log_window: 32\n  view_change_timeout_ms: 1000\n  retransmit_interval_ms: 200\n  sync_timeout_ms: 1000\n  sync_chunk: 16\nnet:\n  max_message_bytes: 1048576\n  queue_capacity: 64\n  backoff_min_ms: 50\n  backoff_max_ms: 500\nreplicas:\n{replicas}clients:\n{clients}{statefulset}{tls}",
                 listen[i],
                 http[i],
                 dir.path().join(format!("data-{i}")).display(),
@@ -176,6 +234,7 @@ impl Cluster {
             client_addrs: client_listen,
             procs: (0..N).map(|_| None).collect(),
             env: opts.env,
+            client_tls,
         };
         for i in 0..N {
             c.start_replica(i);
@@ -318,6 +377,7 @@ impl Cluster {
             client_id: id,
             secret: client_secret(id),
             timeout: Duration::from_secs(20),
+            tls: self.client_tls.clone(),
             ..ClientOptions::default()
         })
         .await
