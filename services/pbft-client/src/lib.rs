@@ -22,10 +22,12 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use pbft_api::convert::Wire;
+use pbft_api::pb;
 use pbft_api::pb::client_service_client::ClientServiceClient;
 use pbft_core::{ClientCore, ClientId, Ed25519Signer, OpResult, Operation, ReplicaId, Reply};
-use tokio::task::JoinSet;
-use tonic::transport::{Channel, Endpoint};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 /// What went wrong with a request.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +44,8 @@ pub enum ClientError {
     MalformedReply { replica: u32, detail: String },
     #[error("invalid address {addr}: {detail}")]
     Address { addr: String, detail: String },
+    #[error("TLS settings: {0}")]
+    Tls(String),
     #[error("a cluster needs n = 3f+1 >= 4 replicas, got {0}")]
     ClusterSize(usize),
     #[error("unexpected result {0:?}")]
@@ -60,6 +64,17 @@ pub struct ClientOptions {
     pub timeout: Duration,
     /// Largest message, in bytes.
     pub max_message_bytes: usize,
+    /// Talk TLS to replicas whose gRPC listener has `tls` configured.
+    pub tls: Option<ClientTls>,
+}
+
+/// How to verify the replicas' TLS certificates.
+#[derive(Clone, Debug)]
+pub struct ClientTls {
+    /// PEM certificate(s) of the CA that signed the replicas' certificates.
+    pub ca_pem: Vec<u8>,
+    /// Verify against this name instead of the host in each replica address.
+    pub server_name: Option<String>,
 }
 
 impl Default for ClientOptions {
@@ -70,17 +85,85 @@ impl Default for ClientOptions {
             secret: [0; 32],
             timeout: Duration::from_secs(10),
             max_message_bytes: 64 * 1024 * 1024,
+            tls: None,
         }
+    }
+}
+
+/// Lazily opened connections to every replica, cheap to clone and share between clients.
+#[derive(Clone)]
+pub struct Connections {
+    replicas: Vec<ClientServiceClient<Channel>>,
+}
+
+impl Connections {
+    /// Checks the cluster size and addresses; connects on first use, so unreachable replicas
+    /// do not fail this.
+    pub fn new(opts: &ClientOptions) -> Result<Connections, ClientError> {
+        let n = opts.replicas.len();
+        // n = 1 is the unreplicated baseline server that `pbft bench --unreplicated` uses.
+        if n != 1 && (n < 4 || (n - 1) % 3 != 0) {
+            return Err(ClientError::ClusterSize(n));
+        }
+        let mut replicas = Vec::with_capacity(n);
+        for addr in &opts.replicas {
+            let scheme = if opts.tls.is_some() { "https" } else { "http" };
+            let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
+                .map_err(|e| ClientError::Address {
+                    addr: addr.clone(),
+                    detail: e.to_string(),
+                })?
+                .connect_timeout(Duration::from_secs(2))
+                .tcp_nodelay(true);
+            if let Some(tls) = &opts.tls {
+                let mut config =
+                    ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&tls.ca_pem));
+                if let Some(name) = &tls.server_name {
+                    config = config.domain_name(name.clone());
+                }
+                endpoint = endpoint
+                    .tls_config(config)
+                    .map_err(|e| ClientError::Tls(e.to_string()))?;
+            }
+            let channel = endpoint.connect_lazy();
+            replicas.push(
+                ClientServiceClient::new(channel)
+                    .max_decoding_message_size(opts.max_message_bytes)
+                    .max_encoding_message_size(opts.max_message_bytes),
+            );
+        }
+        Ok(Connections { replicas })
     }
 }
 
 /// A connection to a PBFT cluster. Requests from one client are serialised (PBFT clients
 /// have one outstanding request); use several clients for parallel load.
+///
+/// Requests travel over one long-lived `SubmitStream` per replica rather than a unary call
+/// each: under load a unary call per replica per request cost more CPU, at the client and
+/// at every replica, than ordering the request did. A stream that fails is reopened on the
+/// next request.
 pub struct Client {
     core: Mutex<ClientCore>,
     replicas: Vec<ClientServiceClient<Channel>>,
     timeout: Duration,
-    lock: tokio::sync::Mutex<()>,
+    /// Held for the whole of a request: the links and what they deliver.
+    session: tokio::sync::Mutex<Session>,
+}
+
+/// Where one request's answers arrive: the per-replica stream senders, and one inbox every
+/// stream's reader task writes to.
+struct Session {
+    links: Vec<Option<mpsc::Sender<pb::Request>>>,
+    inbox: mpsc::UnboundedReceiver<Answer>,
+    inbox_tx: mpsc::UnboundedSender<Answer>,
+}
+
+/// What a replica's stream produced.
+enum Answer {
+    Reply(u32, pb::Reply),
+    /// The stream ended with this status (it is reopened on the next request).
+    Failed(u32, tonic::Status),
 }
 
 fn now_ns() -> u64 {
@@ -93,27 +176,15 @@ fn now_ns() -> u64 {
 impl Client {
     /// Prepares connections to every replica (lazily: unreachable replicas do not fail this).
     pub async fn connect(opts: ClientOptions) -> Result<Client, ClientError> {
-        let n = opts.replicas.len();
-        // n = 1 is the unreplicated baseline server that `pbft bench --unreplicated` uses.
-        if n != 1 && (n < 4 || (n - 1) % 3 != 0) {
-            return Err(ClientError::ClusterSize(n));
-        }
-        let mut replicas = Vec::with_capacity(n);
-        for addr in &opts.replicas {
-            let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-                .map_err(|e| ClientError::Address {
-                    addr: addr.clone(),
-                    detail: e.to_string(),
-                })?
-                .connect_timeout(Duration::from_secs(2))
-                .tcp_nodelay(true);
-            let channel = endpoint.connect_lazy();
-            replicas.push(
-                ClientServiceClient::new(channel)
-                    .max_decoding_message_size(opts.max_message_bytes)
-                    .max_encoding_message_size(opts.max_message_bytes),
-            );
-        }
+        let connections = Connections::new(&opts)?;
+        Ok(Client::with_connections(&connections, &opts))
+    }
+
+    /// A client over connections shared with other clients (`opts.replicas` and `opts.tls`
+    /// are taken from `connections`): many clients then cost a few TCP connections, with
+    /// their streams multiplexed by HTTP/2.
+    pub fn with_connections(connections: &Connections, opts: &ClientOptions) -> Client {
+        let n = connections.replicas.len();
         // Timestamps from the wall clock: a restarted client with the same id stays fresh.
         let core = ClientCore::new(
             ClientId(opts.client_id),
@@ -122,17 +193,85 @@ impl Client {
             u64::MAX,
             now_ns(),
         );
-        Ok(Client {
+        let (inbox_tx, inbox) = mpsc::unbounded_channel();
+        Client {
             core: Mutex::new(core),
-            replicas,
+            replicas: connections.replicas.clone(),
             timeout: opts.timeout,
-            lock: tokio::sync::Mutex::new(()),
-        })
+            session: tokio::sync::Mutex::new(Session {
+                links: vec![None; n],
+                inbox,
+                inbox_tx,
+            }),
+        }
+    }
+
+    /// Opens replica `i`'s stream: a reader task forwards its replies (or the status it ended
+    /// with) to the inbox; the returned sender feeds it requests.
+    fn open_link(
+        &self,
+        i: usize,
+        inbox: &mpsc::UnboundedSender<Answer>,
+    ) -> mpsc::Sender<pb::Request> {
+        let (tx, rx) = mpsc::channel(64);
+        let mut service = self.replicas[i].clone();
+        let inbox = inbox.clone();
+        let replica = i as u32;
+        tokio::spawn(async move {
+            let mut replies = match service.submit_stream(ReceiverStream::new(rx)).await {
+                Ok(r) => r.into_inner(),
+                Err(status) => {
+                    let _ = inbox.send(Answer::Failed(replica, status));
+                    return;
+                }
+            };
+            loop {
+                match replies.message().await {
+                    Ok(Some(reply)) => {
+                        if inbox.send(Answer::Reply(replica, reply)).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => {
+                        let _ = inbox.send(Answer::Failed(
+                            replica,
+                            tonic::Status::unavailable("stream closed"),
+                        ));
+                        return;
+                    }
+                    Err(status) => {
+                        let _ = inbox.send(Answer::Failed(replica, status));
+                        return;
+                    }
+                }
+            }
+        });
+        tx
+    }
+
+    /// Hands `req` to replica `i`'s stream, reopening it if it has gone.
+    fn send_to(&self, session: &mut Session, i: usize, req: &pb::Request) {
+        for _ in 0..2 {
+            let link = match &session.links[i] {
+                Some(l) => l.clone(),
+                None => {
+                    let l = self.open_link(i, &session.inbox_tx);
+                    session.links[i] = Some(l.clone());
+                    l
+                }
+            };
+            match link.try_send(req.clone()) {
+                Ok(()) => return,
+                // A full queue means the replica is not reading: skip it this time.
+                Err(mpsc::error::TrySendError::Full(_)) => return,
+                Err(mpsc::error::TrySendError::Closed(_)) => session.links[i] = None,
+            }
+        }
     }
 
     /// Orders and executes one operation; returns the result f+1 replicas agree on.
     pub async fn execute(&self, op: Operation) -> Result<OpResult, ClientError> {
-        let _one_at_a_time = self.lock.lock().await;
+        let mut session = self.session.lock().await;
         let request = {
             let mut core = self.core.lock().unwrap_or_else(|e| e.into_inner());
             core.abandon();
@@ -141,32 +280,23 @@ impl Client {
                 .request
         };
         let pb_req = request.to_pb();
-        let mut calls = JoinSet::new();
-        for (i, r) in self.replicas.iter().enumerate() {
-            let mut r = r.clone();
-            let req = pb_req.clone();
-            let timeout = self.timeout;
-            calls.spawn(async move {
-                let mut call = tonic::Request::new(req);
-                call.set_timeout(timeout);
-                (i as u32, r.submit(call).await)
-            });
+        // Whatever is left from an earlier request (late replies, failures) is stale.
+        while session.inbox.try_recv().is_ok() {}
+        for i in 0..self.replicas.len() {
+            self.send_to(&mut session, i, &pb_req);
         }
         let needed = (self.replicas.len() - 1) / 3 + 1;
         let deadline = tokio::time::Instant::now() + self.timeout;
         let mut errors = Vec::new();
         let mut invalid = 0usize;
+        let mut resent = vec![false; self.replicas.len()];
         loop {
-            let next = tokio::time::timeout_at(deadline, calls.join_next()).await;
-            let joined = match next {
+            let answer = match tokio::time::timeout_at(deadline, session.inbox.recv()).await {
+                Ok(Some(a)) => a,
                 Err(_) | Ok(None) => break,
-                Ok(Some(j)) => j,
             };
-            let Ok((replica, result)) = joined else {
-                continue;
-            };
-            match result {
-                Ok(resp) => match Reply::from_pb(resp.into_inner()) {
+            match answer {
+                Answer::Reply(replica, resp) => match Reply::from_pb(resp) {
                     Ok(reply) => {
                         let mut core = self.core.lock().unwrap_or_else(|e| e.into_inner());
                         if let Some(done) = core.on_reply(ReplicaId(replica), reply) {
@@ -175,12 +305,19 @@ impl Client {
                     }
                     Err(detail) => errors.push(format!("r{replica}: malformed reply: {detail}")),
                 },
-                Err(status) => {
+                Answer::Failed(replica, status) => {
+                    let i = replica as usize;
+                    session.links[i] = None;
                     if status.code() == tonic::Code::InvalidArgument {
                         invalid += 1;
                         if invalid >= needed {
                             return Err(ClientError::Rejected(status.message().to_string()));
                         }
+                    } else if !resent[i] {
+                        // The stream broke (a restarted replica, a dropped connection): the
+                        // request may not have reached it, so send it once more.
+                        resent[i] = true;
+                        self.send_to(&mut session, i, &pb_req);
                     }
                     errors.push(format!("r{replica}: {}", status.message()));
                 }

@@ -15,7 +15,13 @@ use serde::Serialize;
 use tokio::sync::Mutex;
 
 use super::cluster::ClusterFile;
-use crate::{Client, ClientOptions};
+use crate::{Client, ClientOptions, Connections};
+
+/// Keys each closed-loop worker cycles through, and keys the open loop cycles through: the
+/// replicated state a benchmark builds is about (keys x payload), held in memory by every
+/// replica (and copied at each checkpoint), so it is fixed and stated in docs/BENCHMARKS.md.
+const KEYS_PER_WORKER: u64 = 100;
+const OPEN_LOOP_KEYS: u64 = 1_000;
 
 /// Options of `pbft bench`.
 #[derive(Clone, Debug)]
@@ -93,18 +99,23 @@ pub async fn run_bench(
             cluster.load_clients.len()
         );
     }
+    // One set of connections for every load client: their streams share a few HTTP/2
+    // connections, as many application clients behind one process would.
+    let base = ClientOptions {
+        replicas: replicas.clone(),
+        timeout: Duration::from_secs(10),
+        tls: cluster.client_tls(dir)?,
+        ..ClientOptions::default()
+    };
+    let connections = Connections::new(&base)?;
     let mut clients = Vec::new();
     for id in cluster.load_clients.iter().take(clients_needed) {
-        clients.push(Arc::new(
-            Client::connect(ClientOptions {
-                replicas: replicas.clone(),
-                client_id: *id,
-                secret: cluster.client_secret(dir, *id)?,
-                timeout: Duration::from_secs(10),
-                ..ClientOptions::default()
-            })
-            .await?,
-        ));
+        let opts = ClientOptions {
+            client_id: *id,
+            secret: cluster.client_secret(dir, *id)?,
+            ..base.clone()
+        };
+        clients.push(Arc::new(Client::with_connections(&connections, &opts)));
     }
     let tally = Arc::new(Tally {
         hist: Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).context("histogram")?),
@@ -127,7 +138,10 @@ pub async fn run_bench(
                     while !stop.load(Ordering::Relaxed) {
                         let t = Instant::now();
                         let r = client
-                            .put(format!("bench-{w}-{}", i % 1_000).as_bytes(), &value)
+                            .put(
+                                format!("bench-{w}-{}", i % KEYS_PER_WORKER).as_bytes(),
+                                &value,
+                            )
                             .await;
                         i += 1;
                         if t < measure_from {
@@ -166,7 +180,7 @@ pub async fn run_bench(
                     let (tally, idle_tx, value) = (tally.clone(), idle_tx.clone(), value.clone());
                     tokio::spawn(async move {
                         let r = client
-                            .put(format!("bench-o-{}", i % 1_000).as_bytes(), &value)
+                            .put(format!("bench-o-{}", i % OPEN_LOOP_KEYS).as_bytes(), &value)
                             .await;
                         if scheduled >= measure_from {
                             tally.record(r.is_ok(), scheduled).await;

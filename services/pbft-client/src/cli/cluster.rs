@@ -33,6 +33,20 @@ pub struct ClusterFile {
     pub client_id: u64,
     /// Extra client ids registered for load generation (`bench`, demo load).
     pub load_clients: Vec<u64>,
+    /// TLS towards the replicas, when their gRPC listeners have it on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ClusterTls>,
+}
+
+/// `tls:` in `cluster.yaml`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ClusterTls {
+    /// PEM file of the CA that signed the replicas' certificates (relative paths are relative
+    /// to the cluster directory).
+    pub ca_file: PathBuf,
+    /// Verify the replicas' certificates against this name instead of the address's host.
+    #[serde(default)]
+    pub server_name: Option<String>,
 }
 
 pub use pbft_core::encode::{parse_hex32, to_hex};
@@ -69,6 +83,20 @@ fn write_secret(path: &Path, secret: &[u8; 32]) -> Result<()> {
 }
 
 impl ClusterFile {
+    /// The client's TLS settings, with the CA read from disk.
+    pub fn client_tls(&self, dir: &Path) -> Result<Option<crate::ClientTls>> {
+        let Some(tls) = &self.tls else {
+            return Ok(None);
+        };
+        let path = dir.join(&tls.ca_file);
+        let ca_pem = fs::read(&path)
+            .with_context(|| format!("cannot read the TLS CA file {}", path.display()))?;
+        Ok(Some(crate::ClientTls {
+            ca_pem,
+            server_name: tls.server_name.clone(),
+        }))
+    }
+
     pub fn path(dir: &Path) -> PathBuf {
         dir.join("cluster.yaml")
     }
@@ -124,7 +152,7 @@ impl ClusterFile {
                 public_key: to_hex(&Ed25519Signer::from_secret(secret).public().0),
             });
         }
-        let client_ids: Vec<u64> = (0..65).collect();
+        let client_ids: Vec<u64> = (0..257).collect();
         let mut clients = Vec::new();
         for id in &client_ids {
             let secret = random_secret()?;
@@ -136,6 +164,7 @@ impl ClusterFile {
             replicas,
             client_id: 0,
             load_clients: client_ids[1..].to_vec(),
+            tls: None,
         };
         for r in &file.replicas {
             let cfg = replica_config(dir, &file, r, &clients);

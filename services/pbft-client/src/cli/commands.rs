@@ -33,6 +33,7 @@ async fn client(dir: &Path, timeout: Duration) -> Result<Client> {
         client_id: c.client_id,
         secret: c.client_secret(dir, c.client_id)?,
         timeout,
+        tls: c.client_tls(dir)?,
         ..ClientOptions::default()
     })
     .await?)

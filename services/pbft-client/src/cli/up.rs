@@ -329,6 +329,7 @@ async fn start_load(
             client_id: *id,
             secret: cluster.client_secret(dir, *id)?,
             timeout: Duration::from_secs(5),
+            tls: cluster.client_tls(dir)?,
             ..ClientOptions::default()
         })
         .await?;
