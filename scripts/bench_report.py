@@ -36,7 +36,8 @@ print("comes from one run on one machine, replicas and load generator sharing it
 print(f"- machine: {os.cpu_count()} cores, {cpu()}, {platform.system()} {platform.release()}")
 commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 print(f"- commit: {commit}; release build; requests are signed (ed25519), ordered, executed and fsync'd")
-print("- command: `make bench` (closed loop, 64 requests in flight, 2 s warm-up, 10 s measured)\n")
+print("- command: `make bench` (closed loop with 64 requests in flight unless the row says 256, "
+      "one shared set of connections for all load clients; 2 s warm-up, 10 s measured)\n")
 print("| cluster | load | payload B | committed/s | p50 ms | p90 ms | p99 ms | max ms | errors |")
 print("|---|---|---|---|---|---|---|---|---|")
 ratio = None
@@ -46,11 +47,12 @@ for name in sorted(glob.glob(os.path.join(out, "n*-*.json"))):
     if "unreplicated" in data:
         print(row(data["unreplicated"]))
         ratio = ratio or []
-        ratio.append((data["replicated"]["payload_bytes"], data["ratio"]))
+        ratio.append((f"{data['replicated']['payload_bytes']} B, {data['replicated']['mode']}",
+                      data["ratio"]))
 print()
 if ratio:
     print("Replicated / unreplicated throughput, measured in the same run (n = 4, gRPC):",
-          ", ".join(f"{p} B: {r:.2f}" for p, r in ratio))
+          "; ".join(f"{p}: {r:.2f}" for p, r in ratio))
     print()
 print("Peak resident memory per replica (VmHWM, largest of the cluster):\n")
 for name in sorted(glob.glob(os.path.join(out, "*.rss_kb"))):
@@ -58,6 +60,55 @@ for name in sorted(glob.glob(os.path.join(out, "*.rss_kb"))):
     label = os.path.basename(name)[:-len(".rss_kb")]
     print(f"- {label}: {int(kb) / 1024:.0f} MiB" if kb else f"- {label}: not measured")
 print()
+
+
+def soak_section():
+    """Memory over time from soak_memory.sh: per replica, the resident set each minute, the
+    growth over the second half of the run, and the peak."""
+    path = os.path.join(out, "soak_rss.csv")
+    if not os.path.exists(path):
+        return
+    samples = {}
+    for line in open(path).read().splitlines()[1:]:
+        t, r, kb = line.split(",")
+        samples.setdefault(int(r), []).append((int(t), int(kb)))
+    hwm = {}
+    hwm_path = os.path.join(out, "soak_hwm.csv")
+    if os.path.exists(hwm_path):
+        for line in open(hwm_path).read().splitlines():
+            r, kb = line.split(",")
+            hwm[int(r)] = int(kb)
+    bench = load("soak_bench.json")
+    seconds = max(t for s in samples.values() for t, _ in s)
+    print(f"## Memory over time\n")
+    load_desc = ""
+    if bench:
+        r = bench["replicated"]
+        load_desc = (f" {r['throughput_per_sec']:.0f} committed/s of 512 B requests, "
+                     f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, {r['errors']} errors;")
+    print(f"`scripts/soak_memory.sh`: n = 4, gRPC, open loop for {seconds} s;{load_desc} resident set "
+          "(VmRSS) of each replica sampled every 10 s.\n")
+    minutes = list(range(0, seconds // 60 + 1))
+    print("| replica | " + " | ".join(f"{m} min" for m in minutes)
+          + " | second half growth | peak (VmHWM) |")
+    print("|---" * (len(minutes) + 3) + "|")
+    for r in sorted(samples):
+        s = samples[r]
+
+        def at(t):
+            # The sample nearest to t seconds, in MiB.
+            return min(s, key=lambda x: abs(x[0] - t))[1] / 1024
+
+        half, end = at(seconds / 2), at(seconds)
+        peak = f"{hwm[r] / 1024:.0f} MiB" if r in hwm else "-"
+        cells = " | ".join(f"{at(m * 60):.0f}" for m in minutes)
+        print(f"| {r} | {cells} | {100 * (end - half) / half:+.1f} % | {peak} |")
+    print("\nResident set in MiB. Growth over the second half is what a leak would show; the "
+          "first minutes fill the log window, reply cache and storage caches.")
+    print()
+
+
+soak_section()
 notes = os.path.join(os.path.dirname(__file__), "bench_notes.md")
 if os.path.exists(notes):
     print(open(notes).read())
