@@ -133,6 +133,35 @@ fn the_view_change_timer_starts_at_a_quorum_and_doubles_up_to_its_cap() {
 }
 
 #[test]
+fn replicas_asking_for_a_later_view_count_towards_the_timer_quorum() {
+    // Found by simulator seed 500111: the new primary of view 1 is faulty and silent;
+    // replica 2 already timed out and asks for view 2, replicas 0 and 1 (and 3) still ask for
+    // view 1. Only one replica wants view 2, too few to join it; if replica 3 counted only
+    // requests for exactly view 1 it would wait for a third one forever.
+    let mut b = replica_in_view(3, 1, true);
+    deliver(&mut b, 1, vc_message(1, 1, vec![]));
+    deliver(&mut b, 2, vc_message(2, 2, vec![]));
+    deliver(&mut b, 0, vc_message(0, 1, vec![]));
+    assert_eq!(tick(&mut b, 19), Output::default());
+    assert_eq!(tick(&mut b, 1), started(2, 3, vec![]));
+}
+
+#[test]
+fn a_replica_restarted_in_a_view_change_still_asks_for_its_view() {
+    // Recovered from storage while changing to view 1: its own request counts, so two more
+    // make 2f+1 and start the timer...
+    let mut b = replica_in_view(3, 1, true);
+    deliver(&mut b, 1, vc_message(1, 1, vec![]));
+    deliver(&mut b, 2, vc_message(2, 1, vec![]));
+    assert_eq!(tick(&mut b, 19), Output::default());
+    assert_eq!(tick(&mut b, 1), started(2, 3, vec![]));
+    // ...and it re-sends the request it may never have sent before the crash.
+    let mut quiet = replica_in_view(3, 1, true);
+    let out = tick(&mut quiet, config().retransmit_interval);
+    assert_eq!(out.messages, vec![to_all(vc_message(3, 1, vec![]))]);
+}
+
+#[test]
 fn the_view_change_timeout_doubles_up_to_its_cap() {
     let cfg = Config {
         max_view_change_timeout: 60,

@@ -212,6 +212,14 @@ impl Replica {
         // Replay only rebuilds state; what it emitted was already persisted and sent. The
         // newest checkpoint vote is kept: announcing it tells peers where we are.
         r.out = Output::default();
+        if r.changing {
+            // A replica that crashed in a view change may never have sent its request for
+            // the view. Holding it again, the replica re-sends it at the next retransmission
+            // and counts itself towards the 2f+1; without it the view change could wait
+            // forever for a quorum that included this replica.
+            let vc = r.own_view_change(r.view);
+            r.view_changes.insert(r.id, vc);
+        }
         Ok(r)
     }
 

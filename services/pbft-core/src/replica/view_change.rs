@@ -43,13 +43,7 @@ impl Replica {
             view: new_view,
             changing: true,
         });
-        let vc = self.sign(ViewChange {
-            new_view,
-            replica: self.id,
-            stable_seq: self.stable.seq,
-            checkpoint_proof: self.stable.signatures.clone(),
-            prepared: self.prepared.values().cloned().collect(),
-        });
+        let vc = self.own_view_change(new_view);
         self.view_changes.insert(self.id, vc.clone());
         self.broadcast(Message::ViewChange(vc));
         self.event(Event::ViewChangeStarted { view: new_view });
@@ -57,7 +51,23 @@ impl Replica {
         self.try_new_view();
     }
 
-    /// Starts the new view's timer once 2f+1 replicas (this one included) ask for it.
+    /// This replica's request for `new_view`, carrying its stable checkpoint and prepared
+    /// certificates.
+    pub(super) fn own_view_change(&self, new_view: View) -> Signed<ViewChange> {
+        self.sign(ViewChange {
+            new_view,
+            replica: self.id,
+            stable_seq: self.stable.seq,
+            checkpoint_proof: self.stable.signatures.clone(),
+            prepared: self.prepared.values().cloned().collect(),
+        })
+    }
+
+    /// Starts the new view's timer once 2f+1 replicas (this one included) ask for it. A
+    /// replica asking for a later view counts too: it gave up on this one on the way, and
+    /// its newer view change replaced the older one here. Counting only exact matches left
+    /// two correct replicas asking for view v forever once the third had timed out and
+    /// moved to v+1 (the new primary being faulty): neither quorum was ever complete.
     fn note_view_change_quorum(&mut self) {
         if !self.changing || self.view_change_quorum_at.is_some() {
             return;
@@ -65,7 +75,7 @@ impl Replica {
         let asking = self
             .view_changes
             .values()
-            .filter(|vc| vc.body.new_view == self.view)
+            .filter(|vc| vc.body.new_view >= self.view)
             .count();
         if asking >= self.cfg.quorum() {
             self.view_change_quorum_at = Some(self.now);
