@@ -365,7 +365,8 @@ pub fn pb_kind(m: &pb::PbftMessage) -> &'static str {
         T::Request => "request",
         T::SyncRequest => "sync_request",
         T::SyncResponse => "sync_response",
-        _ => "unknown",
+        T::StatusAnnouncement => "status",
+        T::Unspecified => "unknown",
     }
 }
 
