@@ -22,6 +22,9 @@ pub enum Input {
     Receive { from: Source, msg: Message },
     /// A client submitted a request directly to this replica.
     Request(Request),
+    /// Several client requests that arrived together, in order; their signatures are
+    /// checked in one batch. Same effect as one `Request` input for each.
+    Requests(Vec<Request>),
     /// One tick of time passed.
     Tick,
 }

@@ -7,7 +7,8 @@ mod common;
 use common::*;
 use pbft_core::{
     Batch, Digest, Input, Message, NewView, Operation, Output, PrePrepare, PreparedProof,
-    RejectReason, Replica, Signature, Signed, Source, SyncRequest, SyncResponse, ViewChange,
+    RejectReason, Replica, Request, Signature, Signed, Source, SyncRequest, SyncResponse,
+    ViewChange,
 };
 
 use RejectReason::*;
@@ -623,4 +624,74 @@ fn every_reject_reason_has_a_distinct_name() {
         RejectReason::ALL.iter().map(|r| r.as_str()).collect();
     assert_eq!(names.len(), RejectReason::ALL.len());
     assert_eq!(BadSyncData.to_string(), "bad_sync_data");
+}
+
+// ----- requests checked in one signature batch -----
+
+/// Collects the requests of every pre-prepare in `out`.
+fn proposed(out: &Output) -> Vec<Request> {
+    out.messages
+        .iter()
+        .filter_map(|e| match &e.msg {
+            Message::PrePrepare(m) => Some(m.body.batch.requests.clone()),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
+#[test]
+fn requests_submitted_together_are_judged_one_by_one() {
+    let mut p = replica(0);
+    let mut forged = put_req(2, 1);
+    forged.signature = put_req(6, 1).signature;
+    let unknown = Request {
+        client: UNKNOWN_CLIENT,
+        ..put_req(7, 1)
+    };
+    let good = [put_req(1, 1), put_req(3, 1), put_req(4, 1), put_req(5, 1)];
+    let mut together = vec![good[0].clone(), forged, good[1].clone(), unknown];
+    together.extend_from_slice(&good[2..]);
+    p.handle(Input::Requests(together));
+    let mut out = p.take_output();
+    out.messages.extend(tick(&mut p, 2).messages);
+    assert_eq!(p.rejected().get(BadSignature), 1);
+    assert_eq!(p.rejected().get(UnknownSender), 1);
+    assert_eq!(p.rejected().total(), 2);
+    assert_eq!(
+        proposed(&out),
+        good.to_vec(),
+        "the good ones, in arrival order"
+    );
+}
+
+#[test]
+fn a_full_batch_of_fresh_requests_is_verified_and_prepared() {
+    let mut b = replica(1);
+    let requests: Vec<Request> = (1..=4).map(|c| put_req(c, 1)).collect();
+    let out = deliver(
+        &mut b,
+        0,
+        Message::PrePrepare(pre_prepare(0, 1, batch(&requests))),
+    );
+    assert_eq!(b.rejected().total(), 0);
+    assert!(
+        out.messages
+            .iter()
+            .any(|e| matches!(e.msg, Message::Prepare(_))),
+        "the backup votes for the batch: {out:?}"
+    );
+}
+
+#[test]
+fn one_forged_request_in_a_full_batch_refuses_the_pre_prepare() {
+    let mut b = replica(1);
+    let mut requests: Vec<Request> = (1..=4).map(|c| put_req(c, 1)).collect();
+    requests[2].timestamp = 9;
+    let out = deliver(
+        &mut b,
+        0,
+        Message::PrePrepare(pre_prepare(0, 1, batch(&requests))),
+    );
+    assert_rejected(&b, &out, BadSignature, 1, 1);
 }

@@ -163,14 +163,17 @@ impl Node {
             let wait = next_tick.saturating_duration_since(Instant::now());
             match self.rx.recv_timeout(wait) {
                 Ok(input) => {
-                    self.accept(input);
-                    // Drain what is already queued so one fsync covers many inputs.
+                    // Drain what is already queued so one fsync covers many inputs, and
+                    // client requests that arrived together share one signature batch.
+                    let mut submitted = Vec::new();
+                    self.accept(input, &mut submitted);
                     for _ in 0..4096 {
                         match self.rx.try_recv() {
-                            Ok(input) => self.accept(input),
+                            Ok(input) => self.accept(input, &mut submitted),
                             Err(_) => break,
                         }
                     }
+                    self.hand_over(&mut submitted);
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
@@ -211,9 +214,13 @@ impl Node {
         Ok(())
     }
 
-    fn accept(&mut self, input: Inbound) {
+    /// Takes one input. Client requests are collected in `submitted` and handed over
+    /// together (see `hand_over`); a message first hands over what came before it, so the
+    /// core sees inputs in arrival order.
+    fn accept(&mut self, input: Inbound, submitted: &mut Vec<Request>) {
         match input {
             Inbound::Message { from, msg } => {
+                self.hand_over(submitted);
                 self.replica.handle(Input::Receive { from, msg });
             }
             Inbound::Submit { request, reply } => {
@@ -228,8 +235,24 @@ impl Node {
                         tx: reply,
                         since: Instant::now(),
                     });
-                self.replica.handle(Input::Request(request));
+                submitted.push(request);
             }
+        }
+    }
+
+    /// Gives the collected client requests to the core in one input, so their signatures
+    /// are checked in one batch equation.
+    fn hand_over(&mut self, submitted: &mut Vec<Request>) {
+        match submitted.len() {
+            0 => {}
+            1 => {
+                if let Some(request) = submitted.pop() {
+                    self.replica.handle(Input::Request(request));
+                }
+            }
+            _ => self
+                .replica
+                .handle(Input::Requests(std::mem::take(submitted))),
         }
     }
 

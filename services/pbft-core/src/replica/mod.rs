@@ -249,6 +249,7 @@ impl Replica {
         match input {
             Input::Tick => self.on_tick(),
             Input::Request(req) => self.on_request(req, Source::Client),
+            Input::Requests(reqs) => self.on_requests(reqs, Source::Client),
             Input::Receive { from, msg } => self.on_message(from, msg),
         }
     }

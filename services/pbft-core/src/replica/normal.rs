@@ -15,10 +15,46 @@ use crate::types::{ClientId, Digest, Seq, View};
 impl Replica {
     /// A client request, straight from the client or forwarded by a backup.
     pub(super) fn on_request(&mut self, req: Request, from: Source) {
-        if let Err(reason) = self.check_request(&req) {
-            self.reject(reason);
-            return;
+        self.on_requests(vec![req], from);
+    }
+
+    /// Requests that arrived together: every check but the signature on each, then one
+    /// batch signature check for those that need it, then each in order as if alone.
+    pub(super) fn on_requests(&mut self, reqs: Vec<Request>, from: Source) {
+        let mut verdicts: Vec<Result<(), RejectReason>> =
+            reqs.iter().map(|r| self.check_request_shape(r)).collect();
+        // A byte-for-byte copy of a request already waiting (say its pre-prepare came
+        // first) was verified then; only the others need their signature checked.
+        let unchecked: Vec<usize> = (0..reqs.len())
+            .filter(|&i| verdicts[i].is_ok() && !self.is_waiting(&reqs[i]))
+            .collect();
+        let refs: Vec<&Request> = unchecked.iter().map(|&i| &reqs[i]).collect();
+        for (i, ok) in unchecked
+            .iter()
+            .zip(Request::verify_all(&refs, self.verifier.as_ref()))
+        {
+            if !ok {
+                verdicts[*i] = Err(RejectReason::BadSignature);
+            }
         }
+        for (req, verdict) in reqs.into_iter().zip(verdicts) {
+            match verdict {
+                Ok(()) => self.admit_request(req, from),
+                Err(reason) => self.reject(reason),
+            }
+        }
+    }
+
+    /// Whether this exact request (signature included) is the one waiting for its client.
+    fn is_waiting(&self, req: &Request) -> bool {
+        self.waiting
+            .get(&req.client)
+            .is_some_and(|w| w.request == *req)
+    }
+
+    /// A request that passed every check: answer a retry from the reply cache, refuse a
+    /// stale one, or order it.
+    fn admit_request(&mut self, req: Request, from: Source) {
         if let Some(rec) = self.kv.client(req.client) {
             if rec.timestamp == req.timestamp {
                 // A retry of the last executed request: answer from the reply cache.
@@ -49,16 +85,13 @@ impl Replica {
         }
     }
 
-    /// Checks what can be checked of a request on its own: size, client, signature.
-    pub(super) fn check_request(&self, req: &Request) -> Result<(), RejectReason> {
+    /// Checks what can be checked of a request on its own but its signature: size, client.
+    fn check_request_shape(&self, req: &Request) -> Result<(), RejectReason> {
         if req.op.payload_len() > self.cfg.max_request_bytes || req.op.key().is_empty() {
             return Err(RejectReason::Malformed);
         }
         if !self.verifier.knows_client(req.client) {
             return Err(RejectReason::UnknownSender);
-        }
-        if !req.verify(self.verifier.as_ref()) {
-            return Err(RejectReason::BadSignature);
         }
         Ok(())
     }
@@ -267,14 +300,25 @@ impl Replica {
             return Err(RejectReason::Malformed);
         }
         // A request this replica already verified when the client sent it needs no second
-        // signature check: the waiting copy is byte-for-byte the same request.
-        pp.batch
+        // signature check: the waiting copy is byte-for-byte the same request. The rest
+        // are checked in one batch.
+        let unchecked: Vec<&Request> = pp
+            .batch
             .requests
             .iter()
-            .try_for_each(|r| match self.waiting.get(&r.client) {
-                Some(w) if w.request == *r => Ok(()),
-                _ => self.check_request(r),
-            })
+            .filter(|r| !self.is_waiting(r))
+            .collect();
+        unchecked
+            .iter()
+            .try_for_each(|r| self.check_request_shape(r))?;
+        if Request::verify_all(&unchecked, self.verifier.as_ref())
+            .into_iter()
+            .all(|ok| ok)
+        {
+            Ok(())
+        } else {
+            Err(RejectReason::BadSignature)
+        }
     }
 
     /// Takes a pre-prepare into the log and votes for it. Used for normal pre-prepares and
