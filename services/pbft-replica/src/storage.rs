@@ -103,7 +103,10 @@ const HEADER_LEN: usize = 1 + CHECKSUM_LEN;
 
 /// redb's page cache. Its default (1 GiB) is sized for a dedicated database server; a replica
 /// mostly appends and reads recent blocks, and shares its pod's memory limit with the rest.
-const CACHE_BYTES: usize = 64 << 20;
+/// The cache fills with what was written, so its size shows up in resident memory: 64 MiB
+/// put a loaded n = 4 replica at 236-252 MiB peak, 16 MiB at 195-212 MiB, with no
+/// measurable change in throughput.
+const CACHE_BYTES: usize = 16 << 20;
 
 /// The replica's durable state in one redb file.
 ///
