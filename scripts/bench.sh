@@ -41,6 +41,8 @@ run_cluster() { # n transport
         awk '/VmHWM/ {print $2}' "/proc/$pid/status"
     done | sort -n | tail -1 >"$OUT/n$n-$t.rss_kb"
     kill -TERM "$up"; wait "$up" || true
+    # Keep the logs and figures, not the ledgers: repeated runs would fill the disk.
+    rm -rf "$dir"
 }
 
 for n in 4 7; do

@@ -105,6 +105,13 @@ def soak_section():
         print(f"| {r} | {cells} | {100 * (end - half) / half:+.1f} % | {peak} |")
     print("\nResident set in MiB. Growth over the second half is what a leak would show; the "
           "first minutes fill the log window, reply cache and storage caches.")
+    disk = os.path.join(out, "soak_disk_kb")
+    if os.path.exists(disk) and bench:
+        kb = int(open(disk).read().strip() or 0)
+        done = bench["replicated"].get("committed", 0)
+        per = f", about {kb * 1024 / done:,.0f} bytes per committed request" if done else ""
+        print(f"\nOne replica's data directory at the end: {kb / 1024:,.0f} MiB{per} (every "
+              "block is kept: the ledger is the audit trail).")
     print()
 
 

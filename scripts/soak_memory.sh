@@ -17,7 +17,9 @@ dir="$OUT/soak"
 rm -rf "$dir"
 "$PBFT" --data "$dir" up --replicas 4 --port 22000 >"$dir.up.log" 2>&1 &
 up=$!
-trap 'kill -TERM "$up" 2>/dev/null; wait "$up" 2>/dev/null || true' EXIT
+# The cluster's data (gigabytes after a long soak) is measured, then removed: left behind,
+# repeated runs fill the disk.
+trap 'kill -TERM "$up" 2>/dev/null; wait "$up" 2>/dev/null || true; rm -rf "$dir"' EXIT
 for _ in $(seq 1 300); do
     if "$PBFT" --data "$dir" status >/dev/null 2>&1; then break; fi
     sleep 0.2
@@ -43,5 +45,6 @@ wait "$bench"
 for i in 0 1 2 3; do
     awk -v i="$i" '/VmHWM/ {print i "," $2}' "/proc/${pids[$i]}/status"
 done >"$OUT/soak_hwm.csv"
+du -sk "$dir/data-0" | cut -f1 >"$OUT/soak_disk_kb"
 tail -3 "$OUT/soak_bench.log"
 echo "memory samples: $OUT/soak_rss.csv"
