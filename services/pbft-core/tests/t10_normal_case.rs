@@ -76,7 +76,8 @@ fn idle_primary_proposes_a_request_at_once() {
             ..Output::default()
         }
     );
-    assert_eq!(p.status().pending_requests, 0);
+    // Proposed is not executed: the primary times it like a backup would.
+    assert_eq!(p.status().pending_requests, 1);
 }
 
 #[test]
@@ -86,7 +87,8 @@ fn busy_primary_holds_a_partial_batch_for_batch_delay() {
     // Seq 1 is in flight: the next request waits for company.
     let second = put_req(2, 1);
     assert_eq!(submit(&mut p, second.clone()), Output::default());
-    assert_eq!(p.status().pending_requests, 1);
+    // One proposed, one queued.
+    assert_eq!(p.status().pending_requests, 2);
     // batch_delay = 1 tick later it goes out alone.
     let pp = pre_prepare(0, 2, batch(std::slice::from_ref(&second)));
     assert_eq!(
@@ -97,7 +99,7 @@ fn busy_primary_holds_a_partial_batch_for_batch_delay() {
             ..Output::default()
         }
     );
-    assert_eq!(p.status().pending_requests, 0);
+    assert_eq!(p.status().pending_requests, 2, "both proposed, neither executed");
 }
 
 #[test]
@@ -130,7 +132,7 @@ fn primary_stops_proposing_at_max_in_flight() {
     // Seqs 1..=4 are in flight (max_in_flight = 4): the fifth waits however long it waits.
     assert_eq!(submit(&mut p, put_req(5, 1)), Output::default());
     assert_eq!(tick(&mut p, 5), Output::default());
-    assert_eq!(p.status().pending_requests, 1);
+    assert_eq!(p.status().pending_requests, 5, "four proposed, one queued");
 }
 
 #[test]

@@ -162,6 +162,41 @@ fn a_replica_restarted_in_a_view_change_still_asks_for_its_view() {
 }
 
 #[test]
+fn a_primary_whose_proposal_does_not_commit_asks_for_a_new_view() {
+    // Simulator seed 510767: the primary restarted having lost the commits it was owed,
+    // and the backups that could have sent them had moved on to a view change; the one
+    // backup left had executed everything it knew of, so no backup timer was running.
+    // The primary's own timer is what moves the cluster on.
+    let mut p = replica(0);
+    submit(&mut p, put_req(1, 1));
+    assert_eq!(tick(&mut p, 19), Output::default());
+    assert_eq!(
+        tick(&mut p, 1).events,
+        vec![Event::ViewChangeStarted { view: 1 }]
+    );
+}
+
+#[test]
+fn a_replica_restarted_with_an_accepted_batch_times_its_requests_again() {
+    let accepted = pre_prepare(0, 1, batch(&[put_req(1, 1)]));
+    for id in [0, 2] {
+        let mut r = recovered(
+            id,
+            pbft_core::Recovered {
+                accepted: vec![accepted.clone()],
+                ..pbft_core::Recovered::default()
+            },
+        );
+        tick(&mut r, 19);
+        assert_eq!(
+            tick(&mut r, 1).events,
+            vec![Event::ViewChangeStarted { view: 1 }],
+            "replica {id}"
+        );
+    }
+}
+
+#[test]
 fn the_view_change_timeout_doubles_up_to_its_cap() {
     let cfg = Config {
         max_view_change_timeout: 60,

@@ -223,11 +223,38 @@ impl Sim {
     }
 
     fn fail(&self, violation: Violation) -> Failure {
+        let mut trace: Vec<String> = self.trace.iter().cloned().collect();
+        // Where each replica stands: what a stuck view change or sync looks like.
+        for (i, r) in self.replicas.iter().enumerate() {
+            trace.push(match r.core.as_ref() {
+                Some(core) => {
+                    let s = core.status();
+                    format!(
+                        "r{i}: view {}{} (primary r{}), executed {}, stable {}, sync {:?}, pending {}",
+                        s.view,
+                        if s.view_change_in_progress { " changing" } else { "" },
+                        s.primary.0,
+                        s.last_executed,
+                        s.stable_checkpoint,
+                        s.sync_target,
+                        s.pending_requests
+                    )
+                }
+                None => format!("r{i}: down"),
+            });
+        }
+        for (i, c) in self.clients.iter().enumerate() {
+            trace.push(format!(
+                "c{i}: {} done, outstanding ts {:?}",
+                c.done,
+                c.core.pending().map(|r| r.timestamp)
+            ));
+        }
         Failure {
             scenario: self.sc.to_string(),
             at_ms: self.now,
             violation,
-            trace: self.trace.iter().cloned().collect(),
+            trace,
         }
     }
 

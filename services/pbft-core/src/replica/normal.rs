@@ -213,6 +213,12 @@ impl Replica {
             }
             for r in &requests {
                 self.proposed.insert((r.client, r.timestamp));
+                // The primary times its own proposals too. A primary whose batches cannot
+                // commit (restarted with its votes lost, while its backups moved on to a view
+                // change it never heard enough of) must ask for a new view itself; waiting
+                // for backups that have nothing left to time out on deadlocks the cluster
+                // (simulator seed 510767).
+                self.wait_for(r.clone(), false);
             }
             let batch = Batch::new(requests);
             let seq = self.next_seq;
