@@ -1,5 +1,6 @@
-//! PBFT client library: signs requests, sends them to every replica, and accepts a result
-//! only when f+1 replicas (so at least one honest) returned the same one.
+//! PBFT client library: signs requests, sends them to the primary (to every replica on a
+//! retry), and accepts a result only when f+1 replicas (so at least one honest) returned the
+//! same one.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), pbft_client::ClientError> {
@@ -62,6 +63,9 @@ pub struct ClientOptions {
     pub secret: [u8; 32],
     /// How long one request may take before it fails with `NoQuorum`.
     pub timeout: Duration,
+    /// How long to wait for f+1 replies from a request sent to the primary alone before
+    /// sending it to every replica (a faulty or unreachable primary, a view change).
+    pub retry_after: Duration,
     /// Largest message, in bytes.
     pub max_message_bytes: usize,
     /// Talk TLS to replicas whose gRPC listener has `tls` configured.
@@ -84,6 +88,7 @@ impl Default for ClientOptions {
             client_id: 0,
             secret: [0; 32],
             timeout: Duration::from_secs(10),
+            retry_after: Duration::from_millis(500),
             max_message_bytes: 64 * 1024 * 1024,
             tls: None,
         }
@@ -147,6 +152,7 @@ pub struct Client {
     core: Mutex<ClientCore>,
     replicas: Vec<ClientServiceClient<Channel>>,
     timeout: Duration,
+    retry_after: Duration,
     /// Held for the whole of a request: the links and what they deliver.
     session: tokio::sync::Mutex<Session>,
 }
@@ -155,6 +161,10 @@ pub struct Client {
 /// stream's reader task writes to.
 struct Session {
     links: Vec<Option<mpsc::Sender<pb::Request>>>,
+    /// Whether link `i` has carried one of our requests: replica `i` then knows the stream
+    /// as our route and pushes our replies down it, even for requests it only saw in a
+    /// pre-prepare. Until every link has, requests go to every replica.
+    known: Vec<bool>,
     inbox: mpsc::UnboundedReceiver<Answer>,
     inbox_tx: mpsc::UnboundedSender<Answer>,
 }
@@ -198,8 +208,10 @@ impl Client {
             core: Mutex::new(core),
             replicas: connections.replicas.clone(),
             timeout: opts.timeout,
+            retry_after: opts.retry_after,
             session: tokio::sync::Mutex::new(Session {
                 links: vec![None; n],
+                known: vec![false; n],
                 inbox,
                 inbox_tx,
             }),
@@ -249,51 +261,95 @@ impl Client {
         tx
     }
 
-    /// Hands `req` to replica `i`'s stream, reopening it if it has gone.
-    fn send_to(&self, session: &mut Session, i: usize, req: &pb::Request) {
+    /// Hands `req` to replica `i`'s stream, reopening it if it has gone. False when it could
+    /// not be handed over (the replica is not reading).
+    fn send_to(&self, session: &mut Session, i: usize, req: &pb::Request) -> bool {
         for _ in 0..2 {
             let link = match &session.links[i] {
                 Some(l) => l.clone(),
                 None => {
                     let l = self.open_link(i, &session.inbox_tx);
                     session.links[i] = Some(l.clone());
+                    session.known[i] = false;
                     l
                 }
             };
             match link.try_send(req.clone()) {
-                Ok(()) => return,
+                Ok(()) => {
+                    session.known[i] = true;
+                    return true;
+                }
                 // A full queue means the replica is not reading: skip it this time.
-                Err(mpsc::error::TrySendError::Full(_)) => return,
+                Err(mpsc::error::TrySendError::Full(_)) => return false,
                 Err(mpsc::error::TrySendError::Closed(_)) => session.links[i] = None,
             }
         }
+        false
+    }
+
+    /// Marks link `i` gone: it is reopened, and announced again, on its next use.
+    fn drop_link(session: &mut Session, i: usize) {
+        session.links[i] = None;
+        session.known[i] = false;
     }
 
     /// Orders and executes one operation; returns the result f+1 replicas agree on.
     pub async fn execute(&self, op: Operation) -> Result<OpResult, ClientError> {
         let mut session = self.session.lock().await;
-        let request = {
+        let send = {
             let mut core = self.core.lock().unwrap_or_else(|e| e.into_inner());
             core.abandon();
             core.submit(op)
                 .map_err(|e| ClientError::Rejected(e.to_string()))?
-                .request
         };
-        let pb_req = request.to_pb();
-        // Whatever is left from an earlier request (late replies, failures) is stale.
-        while session.inbox.try_recv().is_ok() {}
-        for i in 0..self.replicas.len() {
-            self.send_to(&mut session, i, &pb_req);
+        let pb_req = send.request.to_pb();
+        // Whatever is left from an earlier request is stale: late replies are dropped, and a
+        // stream that failed since is reopened (and announced again) on its next use.
+        while let Ok(answer) = session.inbox.try_recv() {
+            if let Answer::Failed(replica, _) = answer {
+                Self::drop_link(&mut session, replica as usize);
+            }
         }
-        let needed = (self.replicas.len() - 1) / 3 + 1;
+        let n = self.replicas.len();
+        // The primary alone once every replica knows our stream (the backups then push
+        // their replies to it); every replica otherwise.
+        let primary = match send.to {
+            pbft_core::Target::Replica(p) if session.known.iter().all(|k| *k) => Some(p.0 as usize),
+            _ => None,
+        };
+        let mut sent = vec![false; n];
+        if let Some(p) = primary.filter(|&p| p < n) {
+            sent[p] = self.send_to(&mut session, p, &pb_req);
+        }
+        let mut retry_at = tokio::time::Instant::now() + self.retry_after;
+        if !sent.iter().any(|s| *s) {
+            for (i, s) in sent.iter_mut().enumerate() {
+                *s = self.send_to(&mut session, i, &pb_req);
+            }
+            retry_at = tokio::time::Instant::now() + self.timeout;
+        }
+        let needed = (n - 1) / 3 + 1;
         let deadline = tokio::time::Instant::now() + self.timeout;
         let mut errors = Vec::new();
         let mut invalid = 0usize;
-        let mut resent = vec![false; self.replicas.len()];
+        let mut resent = vec![false; n];
         loop {
-            let answer = match tokio::time::timeout_at(deadline, session.inbox.recv()).await {
+            let wake = retry_at.min(deadline);
+            let answer = match tokio::time::timeout_at(wake, session.inbox.recv()).await {
                 Ok(Some(a)) => a,
-                Err(_) | Ok(None) => break,
+                Ok(None) => break,
+                Err(_) if wake < deadline => {
+                    // No f+1 replies from the primary alone: every replica gets the request,
+                    // which also starts the backups' timers against a faulty primary.
+                    for (i, s) in sent.iter_mut().enumerate() {
+                        if !*s {
+                            *s = self.send_to(&mut session, i, &pb_req);
+                        }
+                    }
+                    retry_at = deadline;
+                    continue;
+                }
+                Err(_) => break,
             };
             match answer {
                 Answer::Reply(replica, resp) => match Reply::from_pb(resp) {
@@ -307,7 +363,7 @@ impl Client {
                 },
                 Answer::Failed(replica, status) => {
                     let i = replica as usize;
-                    session.links[i] = None;
+                    Self::drop_link(&mut session, i);
                     if status.code() == tonic::Code::InvalidArgument {
                         invalid += 1;
                         if invalid >= needed {

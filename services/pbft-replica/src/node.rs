@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use pbft_core::{
     ClientId, Event, Input, Message, Output, Replica, Reply, Request, Source, Storage, Target,
 };
+use tokio::sync::mpsc::error::TrySendError as TrySendError2;
 use tokio::sync::oneshot;
 use tracing::{Span, debug, error, info, info_span, warn};
 
@@ -23,11 +24,21 @@ pub enum Inbound {
     /// A protocol message from a peer (or a request forwarded by one).
     Message { from: Source, msg: Message },
     /// A client request submitted to this replica; `reply` gets this replica's answer.
+    /// `route`, when the request came over a client's stream, is where this replica pushes
+    /// that client's later replies for requests it did not receive itself (see `ReplyRoute`).
     Submit {
         request: Request,
         reply: oneshot::Sender<Reply>,
+        route: Option<ReplyRoute>,
     },
 }
+
+/// A client's stream back from this replica. A client sends a request to the primary only
+/// (to every replica on a retry, as in the PBFT paper), so a backup learns of it from the
+/// pre-prepare; once the client has sent one request over its stream, the backup pushes
+/// the client's replies down that stream, which gives the client its f+1 matching replies
+/// without every backup receiving, decoding and checking every request from the client too.
+pub type ReplyRoute = tokio::sync::mpsc::Sender<Reply>;
 
 /// How the servers reach the node loop.
 #[derive(Clone)]
@@ -109,6 +120,7 @@ pub struct Node {
     status: Arc<SharedStatus>,
     metrics: Metrics,
     waiters: HashMap<(ClientId, u64), Vec<Waiter>>,
+    routes: HashMap<ClientId, ReplyRoute>,
     submit_timeout: Duration,
     transport: String,
     last_digest_height: u64,
@@ -138,6 +150,7 @@ impl Node {
             status,
             metrics,
             waiters: HashMap::new(),
+            routes: HashMap::new(),
             submit_timeout,
             transport,
             last_digest_height: u64::MAX,
@@ -223,7 +236,14 @@ impl Node {
                 self.hand_over(submitted);
                 self.replica.handle(Input::Receive { from, msg });
             }
-            Inbound::Submit { request, reply } => {
+            Inbound::Submit {
+                request,
+                reply,
+                route,
+            } => {
+                if let Some(route) = route {
+                    self.routes.insert(request.client, route);
+                }
                 self.metrics
                     .requests
                     .with_label_values(&["submitted"])
@@ -290,6 +310,20 @@ impl Node {
                     let _ = w.tx.send(reply.clone());
                 }
                 self.metrics.requests.with_label_values(&["replied"]).inc();
+            } else if let Some(route) = self.routes.get(&reply.client) {
+                // Never block the node loop on a slow client: a full stream loses this
+                // reply, and the client's retry to every replica gets it answered.
+                match route.try_send(reply) {
+                    Ok(()) => self.metrics.requests.with_label_values(&["pushed"]).inc(),
+                    Err(TrySendError2::Full(_)) => self
+                        .metrics
+                        .dropped_messages
+                        .with_label_values(&["client", "queue_full"])
+                        .inc(),
+                    Err(TrySendError2::Closed(reply)) => {
+                        self.routes.remove(&reply.client);
+                    }
+                }
             }
         }
         for e in out.events {
@@ -374,8 +408,9 @@ impl Node {
         });
     }
 
-    /// Forgets waiters whose Submit call has long given up.
+    /// Forgets waiters whose Submit call has long given up, and routes whose stream ended.
     fn purge_waiters(&mut self) {
+        self.routes.retain(|_, r| !r.is_closed());
         let limit = self.submit_timeout * 2;
         self.waiters.retain(|_, ws| {
             ws.retain(|w| w.since.elapsed() < limit && !w.tx.is_closed());

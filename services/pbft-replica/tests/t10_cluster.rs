@@ -48,6 +48,19 @@ fn commits_and_agrees(transport: &'static str) {
     assert_eq!(stale, Err(Some(b"new".to_vec())));
     assert!(rt.block_on(client.delete(b"k-7")).expect("delete"));
     c.wait_agree(&[0, 1, 2, 3], 33, Duration::from_secs(20));
+    // After its first request the client sent to the primary alone; the backups learnt of
+    // the rest from pre-prepares and pushed their replies down the client's streams.
+    let submitted = |i| c.metric(i, "pbft_client_requests_total", "outcome=\"submitted\"");
+    let pushed = |i| c.metric(i, "pbft_client_requests_total", "outcome=\"pushed\"");
+    assert!(submitted(0) >= 34.0, "the primary got every request");
+    for backup in 1..4 {
+        assert!(
+            submitted(backup) < 10.0 && pushed(backup) >= 24.0,
+            "backup {backup}: {} submitted, {} pushed",
+            submitted(backup),
+            pushed(backup)
+        );
+    }
 }
 
 fn backup_restart_catches_up(transport: &'static str) {

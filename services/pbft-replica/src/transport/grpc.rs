@@ -23,7 +23,7 @@ use tracing::{debug, info, warn};
 use super::{Backoff, Outbound, SendError, node_name, parse_node_name};
 use crate::discovery::PeerResolver;
 use crate::metrics::Metrics;
-use crate::node::{Inbound, NodeHandle};
+use crate::node::{Inbound, NodeHandle, ReplyRoute};
 use crate::status::SharedStatus;
 use pbft_api::convert::{
     Wire, from_envelope, from_sync_state_response, to_envelope, to_sync_state_response,
@@ -468,12 +468,20 @@ impl GrpcServer {
         skip_all,
         fields(client = req.client_id, timestamp = req.timestamp)
     )]
-    async fn submit_one(&self, req: pb::Request) -> Result<pb::Reply, Status> {
+    async fn submit_one(
+        &self,
+        req: pb::Request,
+        route: Option<ReplyRoute>,
+    ) -> Result<pb::Reply, Status> {
         let request = pbft_core::Request::from_pb(req)
             .map_err(|e| Status::invalid_argument(format!("malformed request: {e}")))?;
         let (tx, rx) = oneshot::channel();
         self.node
-            .deliver(Inbound::Submit { request, reply: tx })
+            .deliver(Inbound::Submit {
+                request,
+                reply: tx,
+                route,
+            })
             .map_err(|e| Status::unavailable(e.to_string()))?;
         match tokio::time::timeout(self.settings.submit_timeout, rx).await {
             Ok(Ok(reply)) => Ok(reply.to_pb()),
@@ -626,7 +634,7 @@ impl ClientService for GrpcServer {
     type SubmitStreamStream = BoxStream<pb::Reply>;
 
     async fn submit(&self, request: Request<pb::Request>) -> Result<Response<pb::Reply>, Status> {
-        self.submit_one(request.into_inner())
+        self.submit_one(request.into_inner(), None)
             .await
             .map(Response::new)
     }
@@ -637,12 +645,27 @@ impl ClientService for GrpcServer {
     ) -> Result<Response<Self::SubmitStreamStream>, Status> {
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(1024);
+        // Replies the node pushes for this stream's client (see `ReplyRoute`) join the
+        // answers to the requests sent here.
+        let (route, mut pushed) = mpsc::channel::<pbft_core::Reply>(1024);
+        // A weak sender: the reply stream still ends once the client has closed its side
+        // and every request sent here is answered. The first reply pushed after that ends
+        // this task, which closes the route for the node.
+        let out = tx.downgrade();
+        tokio::spawn(async move {
+            while let Some(reply) = pushed.recv().await {
+                let Some(out) = out.upgrade() else { return };
+                if out.send(Ok(reply.to_pb())).await.is_err() {
+                    return;
+                }
+            }
+        });
         let this = self.clone();
         tokio::spawn(async move {
             while let Ok(Some(req)) = inbound.message().await {
-                let (this, tx) = (this.clone(), tx.clone());
+                let (this, tx, route) = (this.clone(), tx.clone(), route.clone());
                 tokio::spawn(async move {
-                    let _ = tx.send(this.submit_one(req).await).await;
+                    let _ = tx.send(this.submit_one(req, Some(route)).await).await;
                 });
             }
         });
