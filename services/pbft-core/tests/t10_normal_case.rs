@@ -99,7 +99,11 @@ fn busy_primary_holds_a_partial_batch_for_batch_delay() {
             ..Output::default()
         }
     );
-    assert_eq!(p.status().pending_requests, 2, "both proposed, neither executed");
+    assert_eq!(
+        p.status().pending_requests,
+        2,
+        "both proposed, neither executed"
+    );
 }
 
 #[test]

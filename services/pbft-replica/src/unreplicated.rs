@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use pbft_core::kv::{reply_for, results_digest};
 use pbft_core::{
-    Batch, Block, Digest, KeyRing, KvStore, PersistOp, Reply, ReplicaId, Request, Storage,
+    Batch, Block, Digest, KeyRing, KvStore, PersistOp, ReplicaId, Reply, Request, Storage,
 };
 use tokio::sync::oneshot;
 use tracing::info;

@@ -661,8 +661,18 @@ impl ClientService for GrpcServer {
             }
         });
         let this = self.clone();
+        let mut stop = self.stop.clone();
         tokio::spawn(async move {
-            while let Ok(Some(req)) = inbound.message().await {
+            loop {
+                let req = tokio::select! {
+                    m = inbound.message() => match m {
+                        Ok(Some(req)) => req,
+                        Ok(None) | Err(_) => break,
+                    },
+                    // On shutdown end the stream, as message streams do, so the server's
+                    // graceful drain does not wait for clients that keep theirs open.
+                    _ = stop.wait_for(|s| *s) => break,
+                };
                 let (this, tx, route) = (this.clone(), tx.clone(), route.clone());
                 tokio::spawn(async move {
                     let _ = tx.send(this.submit_one(req, Some(route)).await).await;
