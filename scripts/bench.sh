@@ -12,6 +12,7 @@ OUT=target/bench
 mkdir -p "$OUT"
 rm -rf "$OUT"/n*
 cargo build --release -q -p pbft-replica -p pbft-client
+cargo run --release -q -p pbft-core --example crypto_cost -- --json "$OUT/crypto.json"
 PBFT=target/release/pbft
 PORT=21000
 

@@ -116,6 +116,32 @@ def soak_section():
 
 
 soak_section()
+
+
+def crypto_section():
+    """What signatures alone cost here (services/pbft-core/examples/crypto_cost.rs), and the
+    throughput ceiling that sets on this machine's cores."""
+    c = load("crypto.json")
+    if not c:
+        return
+    per_request = c["sign_us"] + 4 * c["verify_zip215_batch64_us"]
+    cores = os.cpu_count() or 1
+    print("## What the signatures alone cost\n")
+    print("`cargo run --release -p pbft-core --example crypto_cost`, median per operation:\n")
+    print("| operation | us |")
+    print("|---|---|")
+    print(f"| sign a request (client) | {c['sign_us']:.1f} |")
+    print(f"| verify a replica message (`verify_strict`) | {c['verify_strict_us']:.1f} |")
+    print(f"| verify a client request, alone (ZIP215) | {c['verify_zip215_us']:.1f} |")
+    print(f"| verify a client request, in a batch of 64 | {c['verify_zip215_batch64_us']:.1f} |")
+    print(f"| SHA-256 of 1 KiB | {c['sha256_kib_us']:.1f} |")
+    print(f"\nEvery request is signed once and verified by each of the n = 4 replicas: "
+          f"{per_request:.0f} us of CPU, so signatures alone cap this {cores}-core machine at "
+          f"about {cores * 1e6 / per_request:,.0f} requests/s before any networking, storage "
+          "or execution.\n")
+
+
+crypto_section()
 notes = os.path.join(os.path.dirname(__file__), "bench_notes.md")
 if os.path.exists(notes):
     print(open(notes).read())
