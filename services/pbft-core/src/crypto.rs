@@ -344,18 +344,22 @@ mod tests {
         (ring, items)
     }
 
-    fn batch_and_single(
-        ring: &KeyRing,
-        items: &[(ClientId, Vec<u8>, Signature)],
-    ) -> (Vec<bool>, Vec<bool>) {
-        let sigs: Vec<ClientSig<'_>> = items
+    fn client_sigs(items: &[(ClientId, Vec<u8>, Signature)]) -> Vec<ClientSig<'_>> {
+        items
             .iter()
             .map(|(c, m, s)| ClientSig {
                 client: *c,
                 msg: m,
                 sig: s,
             })
-            .collect();
+            .collect()
+    }
+
+    fn batch_and_single(
+        ring: &KeyRing,
+        items: &[(ClientId, Vec<u8>, Signature)],
+    ) -> (Vec<bool>, Vec<bool>) {
+        let sigs = client_sigs(items);
         let single = items
             .iter()
             .map(|(c, m, s)| ring.verify_client(*c, m, s))
@@ -379,14 +383,7 @@ mod tests {
         // Not only the per-signature fallback: a valid batch passes in one equation.
         for (bad, holds) in [(vec![], true), (vec![6], false), (vec![1, 8], false)] {
             let (ring, items) = mixed_batch(&bad);
-            let sigs: Vec<ClientSig<'_>> = items
-                .iter()
-                .map(|(c, m, s)| ClientSig {
-                    client: *c,
-                    msg: m,
-                    sig: s,
-                })
-                .collect();
+            let sigs = client_sigs(&items);
             let known: Vec<(usize, &ClientKey)> = items
                 .iter()
                 .enumerate()

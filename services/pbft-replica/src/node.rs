@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use pbft_core::{
     ClientId, Event, Input, Message, Output, Replica, Reply, Request, Source, Storage, Target,
 };
-use tokio::sync::mpsc::error::TrySendError as TrySendError2;
+use tokio::sync::mpsc::error::TrySendError as RouteSendError;
 use tokio::sync::oneshot;
 use tracing::{Span, debug, error, info, info_span, warn};
 
@@ -263,16 +263,9 @@ impl Node {
     /// Gives the collected client requests to the core in one input, so their signatures
     /// are checked in one batch equation.
     fn hand_over(&mut self, submitted: &mut Vec<Request>) {
-        match submitted.len() {
-            0 => {}
-            1 => {
-                if let Some(request) = submitted.pop() {
-                    self.replica.handle(Input::Request(request));
-                }
-            }
-            _ => self
-                .replica
-                .handle(Input::Requests(std::mem::take(submitted))),
+        if !submitted.is_empty() {
+            self.replica
+                .handle(Input::Requests(std::mem::take(submitted)));
         }
     }
 
@@ -315,12 +308,12 @@ impl Node {
                 // reply, and the client's retry to every replica gets it answered.
                 match route.try_send(reply) {
                     Ok(()) => self.metrics.requests.with_label_values(&["pushed"]).inc(),
-                    Err(TrySendError2::Full(_)) => self
+                    Err(RouteSendError::Full(_)) => self
                         .metrics
                         .dropped_messages
                         .with_label_values(&["client", "queue_full"])
                         .inc(),
-                    Err(TrySendError2::Closed(reply)) => {
+                    Err(RouteSendError::Closed(reply)) => {
                         self.routes.remove(&reply.client);
                     }
                 }
