@@ -257,6 +257,26 @@ fn f_plus_1_replicas_seen_in_a_later_view_make_a_replica_follow() {
 }
 
 #[test]
+fn a_replica_still_changing_views_follows_f_plus_1_replicas_seen_past_its_view() {
+    // Simulator seed 522351: restarted asking for view 1 while the others had moved on
+    // (one working in view 2, one asking for view 3), it waited for a view-1 quorum that
+    // nobody would complete.
+    let mut b = replica_in_view(1, 1, true);
+    let d = one_put().digest();
+    let out = deliver(&mut b, 2, Message::Prepare(prepare(2, 1, d, 2)));
+    assert_eq!(out, rejected(RejectReason::FutureView));
+    let out = deliver(&mut b, 3, Message::Prepare(prepare(3, 1, d, 3)));
+    let mut want = started(2, 1, vec![]);
+    want.events.insert(
+        0,
+        Event::Rejected {
+            reason: RejectReason::FutureView,
+        },
+    );
+    assert_eq!(out, want);
+}
+
+#[test]
 fn the_new_primary_announces_the_recomputed_pre_prepares_with_null_batches_for_gaps() {
     let mut p = replica(1);
     assert_eq!(

@@ -140,7 +140,10 @@ impl Replica {
     }
 
     /// Messages show f+1 replicas working in views above ours: we missed a view change.
-    /// Asking for the next view makes them hand us their new-view message.
+    /// Asking for the next view makes them hand us their new-view message. This holds for a
+    /// replica still changing views too: one that restarted asking for view v, after the
+    /// others had moved past it, would otherwise wait for a v quorum that never comes
+    /// (simulator seed 522351).
     pub(super) fn maybe_follow_views(&mut self) {
         let need = self.cfg.weak_quorum();
         let ahead = self
@@ -148,7 +151,7 @@ impl Replica {
             .iter()
             .filter(|(r, v)| **r != self.id && **v > self.view)
             .count();
-        if ahead >= need && !self.changing {
+        if ahead >= need {
             self.start_view_change(self.view + 1);
         }
     }
