@@ -369,11 +369,23 @@ impl Client {
                         if invalid >= needed {
                             return Err(ClientError::Rejected(status.message().to_string()));
                         }
-                    } else if !resent[i] {
-                        // The stream broke (a restarted replica, a dropped connection): the
-                        // request may not have reached it, so send it once more.
-                        resent[i] = true;
-                        self.send_to(&mut session, i, &pb_req);
+                    } else {
+                        if !resent[i] {
+                            // The stream broke (a restarted replica, a dropped connection):
+                            // the request may not have reached it, so send it once more.
+                            resent[i] = true;
+                            self.send_to(&mut session, i, &pb_req);
+                        }
+                        // A broken stream to the primary is as telling as a timeout: send to
+                        // everyone now rather than after `retry_after` (a killed primary).
+                        if sent.iter().any(|s| !*s) {
+                            for (j, s) in sent.iter_mut().enumerate() {
+                                if !*s {
+                                    *s = self.send_to(&mut session, j, &pb_req);
+                                }
+                            }
+                            retry_at = deadline;
+                        }
                     }
                     errors.push(format!("r{replica}: {}", status.message()));
                 }
