@@ -229,18 +229,7 @@ impl Replica {
         let (view, seq, digest) = (pp.body.view, pp.body.seq, pp.body.digest);
         self.next_seq = self.next_seq.max(seq + 1);
         // Its requests are still owed an execution: time them again, as on acceptance.
-        for r in &pp.body.batch.requests {
-            if self
-                .kv
-                .client(r.client)
-                .is_none_or(|c| c.timestamp < r.timestamp)
-            {
-                self.wait_for(r.clone(), false);
-                if self.is_primary() {
-                    self.proposed.insert((r.client, r.timestamp));
-                }
-            }
-        }
+        self.expect_batch(&pp.body.batch.requests);
         let prepare = (!self.is_primary()).then(|| {
             self.sign(crate::message::Prepare {
                 view,

@@ -119,6 +119,22 @@ impl Replica {
         true
     }
 
+    /// A batch's requests not yet executed are owed an execution: time them, and mark them
+    /// proposed so a later primary role does not order them twice. For a pre-prepare
+    /// accepted now or restored after a restart.
+    pub(super) fn expect_batch(&mut self, requests: &[Request]) {
+        for r in requests {
+            if self
+                .kv
+                .client(r.client)
+                .is_none_or(|c| c.timestamp < r.timestamp)
+            {
+                self.wait_for(r.clone(), false);
+                self.proposed.insert((r.client, r.timestamp));
+            }
+        }
+    }
+
     /// Forwards to the primary the requests a client gave this backup that have waited half
     /// a view-change timeout (or a retransmission interval, if shorter) without executing:
     /// early enough that the primary gets them before anyone suspects it.
@@ -331,16 +347,7 @@ impl Replica {
     /// for those a new-view message carries.
     pub(super) fn accept_pre_prepare(&mut self, m: Signed<PrePrepare>) {
         let (view, seq, digest) = (m.body.view, m.body.seq, m.body.digest);
-        for r in &m.body.batch.requests {
-            if self
-                .kv
-                .client(r.client)
-                .is_none_or(|c| c.timestamp < r.timestamp)
-            {
-                self.wait_for(r.clone(), false);
-                self.proposed.insert((r.client, r.timestamp));
-            }
-        }
+        self.expect_batch(&m.body.batch.requests);
         self.persist(PersistOp::Accepted(m.clone()));
         self.slot(seq).pre_prepare = Some(m);
         if !self.is_primary() {
