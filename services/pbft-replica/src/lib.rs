@@ -10,6 +10,7 @@ pub mod discovery;
 pub mod keys;
 pub mod metrics;
 pub mod node;
+pub mod persister;
 pub mod sidecar;
 pub mod status;
 pub mod storage;

@@ -1,21 +1,19 @@
 //! The node loop: the one thread that owns the protocol state. It feeds the core with
-//! messages, client requests and 1 ms ticks, then carries out the core's output in the order
-//! that keeps a crash harmless: persist (fsync), then send, then reply.
+//! messages, client requests and 1 ms ticks, and hands the core's outputs to the
+//! persistence thread ([`crate::persister`]), which carries them out in the order that
+//! keeps a crash harmless: persist (fsync), then send, then reply.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::time::{Duration, Instant};
 
-use pbft_core::{
-    ClientId, Event, Input, Message, Output, Replica, Reply, Request, Source, Storage, Target,
-};
-use tokio::sync::mpsc::error::TrySendError as RouteSendError;
+use pbft_core::{Event, Input, Message, Output, Replica, Reply, Request, Source, Storage};
 use tokio::sync::oneshot;
-use tracing::{Span, debug, error, info, info_span, warn};
+use tracing::{debug, info, warn};
 
 use crate::metrics::Metrics;
+use crate::persister::{PENDING_OUTPUTS, Persister, SharedReplies, Waiter};
 use crate::status::{SharedStatus, StatusView};
 use crate::transport::Outbound;
 
@@ -79,48 +77,20 @@ impl NodeHandle {
 pub enum NodeError {
     #[error("storage failed, stopping to stay safe: {0}")]
     Storage(#[from] pbft_core::StorageError),
-}
-
-struct Waiter {
-    tx: oneshot::Sender<Reply>,
-    since: Instant,
-}
-
-/// The span over carrying out an output that executed blocks (usually one): making them
-/// durable and answering their clients. `height` and `view` are the last block's.
-fn execute_span(events: &[Event]) -> Span {
-    let mut blocks = 0usize;
-    let (mut height, mut requests, mut view) = (0u64, 0usize, 0u64);
-    for e in events {
-        if let Event::Executed {
-            height: h,
-            requests: r,
-            view: v,
-            ..
-        } = e
-        {
-            blocks += 1;
-            height = *h;
-            requests += *r;
-            view = *v;
-        }
-    }
-    if blocks == 0 {
-        return Span::none();
-    }
-    info_span!("execute", height, requests, view, blocks)
+    #[error("the persistence thread stopped unexpectedly")]
+    PersisterGone,
 }
 
 /// The node loop's state.
 pub struct Node {
     replica: Replica,
-    store: Box<dyn Storage + Send>,
+    /// Moves to the persistence thread when `run` starts.
+    store: Option<Box<dyn Storage + Send>>,
     outbound: Arc<dyn Outbound>,
     rx: Receiver<Inbound>,
     status: Arc<SharedStatus>,
     metrics: Metrics,
-    waiters: HashMap<(ClientId, u64), Vec<Waiter>>,
-    routes: HashMap<ClientId, ReplyRoute>,
+    replies: SharedReplies,
     submit_timeout: Duration,
     transport: String,
     last_digest_height: u64,
@@ -144,13 +114,12 @@ impl Node {
         let (handle, rx) = NodeHandle::channel(metrics.clone());
         let node = Node {
             replica,
-            store,
+            store: Some(store),
             outbound,
             rx,
             status,
             metrics,
-            waiters: HashMap::new(),
-            routes: HashMap::new(),
+            replies: SharedReplies::default(),
             submit_timeout,
             transport,
             last_digest_height: u64::MAX,
@@ -160,9 +129,40 @@ impl Node {
         (node, handle)
     }
 
-    /// Runs until `shutdown` is set and every sender is gone or the flag is seen; the last
-    /// output is persisted before returning.
+    /// Runs until `shutdown` is set and every sender is gone or the flag is seen; every
+    /// output, the last included, is persisted (and sent) before returning.
     pub fn run(mut self, shutdown: Arc<AtomicBool>) -> Result<(), NodeError> {
+        let store = self.store.take().ok_or(NodeError::PersisterGone)?;
+        let (out_tx, out_rx) = std::sync::mpsc::sync_channel(PENDING_OUTPUTS);
+        let persister = Persister {
+            store,
+            outbound: self.outbound.clone(),
+            replies: self.replies.clone(),
+            metrics: self.metrics.clone(),
+        };
+        let persister = std::thread::Builder::new()
+            .name("pbft-persist".into())
+            .spawn(move || persister.run(out_rx))
+            .map_err(|e| {
+                pbft_core::StorageError::Io(format!("cannot start persistence thread: {e}"))
+            })?;
+        let looped = self.node_loop(&shutdown, &out_tx);
+        // Whatever the loop left, the persistence thread finishes before the node returns.
+        drop(out_tx);
+        let persisted = match persister.join() {
+            Ok(r) => r.map_err(NodeError::from),
+            Err(_) => Err(NodeError::PersisterGone),
+        };
+        looped.and(persisted)?;
+        info!("node loop stopped; storage flushed");
+        Ok(())
+    }
+
+    fn node_loop(
+        &mut self,
+        shutdown: &AtomicBool,
+        out_tx: &SyncSender<Output>,
+    ) -> Result<(), NodeError> {
         let started = Instant::now();
         let mut ticks: u64 = 0;
         let mut last_status = Instant::now() - Duration::from_secs(1);
@@ -206,7 +206,7 @@ impl Node {
             }
             let out = self.replica.take_output();
             if !out.is_empty() {
-                self.execute(out)?;
+                self.hand_off(out, out_tx)?;
             }
             self.status.beat();
             if last_status.elapsed() >= Duration::from_millis(20) {
@@ -219,11 +219,9 @@ impl Node {
             }
         }
         let out = self.replica.take_output();
-        if !out.persist.is_empty() {
-            let _persist = info_span!("persist", ops = out.persist.len()).entered();
-            self.store.persist(&out.persist)?;
+        if !out.is_empty() {
+            self.hand_off(out, out_tx)?;
         }
-        info!("node loop stopped; storage flushed");
         Ok(())
     }
 
@@ -241,20 +239,23 @@ impl Node {
                 reply,
                 route,
             } => {
-                if let Some(route) = route {
-                    self.routes.insert(request.client, route);
-                }
                 self.metrics
                     .requests
                     .with_label_values(&["submitted"])
                     .inc();
-                self.waiters
+                let mut replies = self.replies.lock();
+                if let Some(route) = route {
+                    replies.routes.insert(request.client, route);
+                }
+                replies
+                    .waiters
                     .entry((request.client, request.timestamp))
                     .or_default()
                     .push(Waiter {
                         tx: reply,
                         since: Instant::now(),
                     });
+                drop(replies);
                 submitted.push(request);
             }
         }
@@ -269,65 +270,19 @@ impl Node {
         }
     }
 
-    /// Carries out one output: persist, then send, then reply.
-    fn execute(&mut self, out: Output) -> Result<(), NodeError> {
-        // Outputs that executed no block (most of them: prepares, commits) get no span.
-        let _execute = execute_span(&out.events).entered();
-        if !out.persist.is_empty() {
-            let _persist = info_span!("persist", ops = out.persist.len()).entered();
-            let t = Instant::now();
-            if let Err(e) = self.store.persist(&out.persist) {
-                error!(error = %e, "persist failed");
-                return Err(e.into());
-            }
-            self.metrics
-                .storage_latency
-                .observe(t.elapsed().as_secs_f64());
-        }
-        for env in out.messages {
-            match env.to {
-                Target::All => {
-                    for (peer, err) in self.outbound.broadcast(&env.msg) {
-                        debug!(peer = peer.0, error = %err, kind = env.msg.kind(), "broadcast to peer failed");
-                    }
-                }
-                Target::Replica(to) => self.outbound.send(to, &env.msg),
-            }
-        }
-        for reply in out.replies {
-            if let Some(waiters) = self.waiters.remove(&(reply.client, reply.timestamp)) {
-                for w in waiters {
-                    self.metrics
-                        .commit_latency
-                        .observe(w.since.elapsed().as_secs_f64());
-                    let _ = w.tx.send(reply.clone());
-                }
-                self.metrics.requests.with_label_values(&["replied"]).inc();
-            } else if let Some(route) = self.routes.get(&reply.client) {
-                // Never block the node loop on a slow client: a full stream loses this
-                // reply, and the client's retry to every replica gets it answered.
-                match route.try_send(reply) {
-                    Ok(()) => self.metrics.requests.with_label_values(&["pushed"]).inc(),
-                    Err(RouteSendError::Full(_)) => self
-                        .metrics
-                        .dropped_messages
-                        .with_label_values(&["client", "queue_full"])
-                        .inc(),
-                    Err(RouteSendError::Closed(reply)) => {
-                        self.routes.remove(&reply.client);
-                    }
-                }
-            }
-        }
-        for e in out.events {
+    /// Counts the output's events, then hands it to the persistence thread. Blocks while
+    /// that thread is [`PENDING_OUTPUTS`] behind; fails if it has stopped (a storage error,
+    /// which `run` then reports).
+    fn hand_off(&mut self, out: Output, out_tx: &SyncSender<Output>) -> Result<(), NodeError> {
+        for e in &out.events {
             self.observe(e);
         }
-        Ok(())
+        out_tx.send(out).map_err(|_| NodeError::PersisterGone)
     }
 
-    fn observe(&mut self, e: Event) {
+    fn observe(&mut self, e: &Event) {
         let m = &self.metrics;
-        match e {
+        match *e {
             Event::Executed {
                 height,
                 requests,
@@ -403,9 +358,10 @@ impl Node {
 
     /// Forgets waiters whose Submit call has long given up, and routes whose stream ended.
     fn purge_waiters(&mut self) {
-        self.routes.retain(|_, r| !r.is_closed());
         let limit = self.submit_timeout * 2;
-        self.waiters.retain(|_, ws| {
+        let mut replies = self.replies.lock();
+        replies.routes.retain(|_, r| !r.is_closed());
+        replies.waiters.retain(|_, ws| {
             ws.retain(|w| w.since.elapsed() < limit && !w.tx.is_closed());
             !ws.is_empty()
         });

@@ -415,6 +415,8 @@ impl Sim {
                 r.core = None;
                 if spec.wipe {
                     r.store.wipe();
+                } else {
+                    r.store.crash();
                 }
                 self.log(format!(
                     "crash r{}{}",

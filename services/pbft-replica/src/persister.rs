@@ -1,0 +1,177 @@
+//! The persistence thread: carries out the core's outputs, in order, in the order that keeps
+//! a crash harmless: persist (fsync), then send, then reply.
+//!
+//! Why a thread of its own: an fsync takes a millisecond or more, and while the node loop
+//! waited for it, it could not check the next pre-prepare's signatures or count votes. Now
+//! the node loop hands each output over and goes on; this thread takes every output that
+//! is waiting, makes all their writes durable in one transaction (group commit: one fsync
+//! for many outputs), and only then sends their messages and replies. No message or reply
+//! of an output leaves before the writes of that output and of every output before it are
+//! durable, which is exactly the ordering the core's [`Output`] asks for.
+
+use std::collections::HashMap;
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use pbft_core::{ClientId, Event, Output, Reply, Storage, StorageError, Target};
+use tokio::sync::mpsc::error::TrySendError as RouteSendError;
+use tokio::sync::oneshot;
+use tracing::{Span, debug, error, info_span};
+
+use crate::metrics::Metrics;
+use crate::node::ReplyRoute;
+use crate::transport::Outbound;
+
+/// Outputs waiting for the persistence thread. When it falls this far behind, the node loop
+/// waits for it (back-pressure) instead of piling up unsent protocol state.
+pub const PENDING_OUTPUTS: usize = 1024;
+
+/// Most outputs folded into one transaction, so one group commit stays bounded in size.
+const MAX_GROUP: usize = 256;
+
+/// A client waiting on its `Submit` call for this replica's reply.
+pub struct Waiter {
+    pub tx: oneshot::Sender<Reply>,
+    pub since: Instant,
+}
+
+/// Where this replica's replies go: calls waiting for them, and clients' streams. The node
+/// loop registers them when a request arrives, before the core can have answered it; the
+/// persistence thread takes them when the answer is durable.
+#[derive(Default)]
+pub struct ClientReplies {
+    pub waiters: HashMap<(ClientId, u64), Vec<Waiter>>,
+    pub routes: HashMap<ClientId, ReplyRoute>,
+}
+
+/// [`ClientReplies`] shared between the node loop and the persistence thread.
+#[derive(Clone, Default)]
+pub struct SharedReplies(Arc<Mutex<ClientReplies>>);
+
+impl SharedReplies {
+    /// The lock; a panic elsewhere while holding it leaves plain maps behind, still usable.
+    pub fn lock(&self) -> MutexGuard<'_, ClientReplies> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The persistence thread's state.
+pub struct Persister {
+    pub store: Box<dyn Storage + Send>,
+    pub outbound: Arc<dyn Outbound>,
+    pub replies: SharedReplies,
+    pub metrics: Metrics,
+}
+
+impl Persister {
+    /// Runs until the node loop drops its end of `rx` and everything handed over is done.
+    /// A storage error stops it at once, before anything of the failed group is sent.
+    pub fn run(mut self, rx: Receiver<Output>) -> Result<(), StorageError> {
+        let mut group = Vec::with_capacity(MAX_GROUP);
+        while let Ok(first) = rx.recv() {
+            group.push(first);
+            while group.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(out) => group.push(out),
+                    Err(_) => break,
+                }
+            }
+            self.carry_out(&mut group)?;
+        }
+        // Blocks may have been committed without an fsync; a clean stop leaves none so.
+        self.store.sync()
+    }
+
+    /// Persists the writes of every output in `group` in one transaction, then sends each
+    /// output's messages and replies in order.
+    fn carry_out(&mut self, group: &mut Vec<Output>) -> Result<(), StorageError> {
+        let _execute = execute_span(group).entered();
+        let ops: Vec<_> = group
+            .iter_mut()
+            .flat_map(|out| std::mem::take(&mut out.persist))
+            .collect();
+        if !ops.is_empty() {
+            let _persist = info_span!("persist", ops = ops.len(), outputs = group.len()).entered();
+            let t = Instant::now();
+            if let Err(e) = self.store.persist(&ops) {
+                error!(error = %e, "persist failed");
+                return Err(e);
+            }
+            self.metrics
+                .storage_latency
+                .observe(t.elapsed().as_secs_f64());
+        }
+        for out in group.drain(..) {
+            for env in out.messages {
+                match env.to {
+                    Target::All => {
+                        for (peer, err) in self.outbound.broadcast(&env.msg) {
+                            debug!(peer = peer.0, error = %err, kind = env.msg.kind(), "broadcast to peer failed");
+                        }
+                    }
+                    Target::Replica(to) => self.outbound.send(to, &env.msg),
+                }
+            }
+            if !out.replies.is_empty() {
+                self.deliver(out.replies);
+            }
+        }
+        Ok(())
+    }
+
+    /// Answers the calls waiting for these replies, or pushes each down its client's stream.
+    fn deliver(&self, replies: Vec<Reply>) {
+        let mut shared = self.replies.lock();
+        for reply in replies {
+            if let Some(waiters) = shared.waiters.remove(&(reply.client, reply.timestamp)) {
+                for w in waiters {
+                    self.metrics
+                        .commit_latency
+                        .observe(w.since.elapsed().as_secs_f64());
+                    let _ = w.tx.send(reply.clone());
+                }
+                self.metrics.requests.with_label_values(&["replied"]).inc();
+            } else if let Some(route) = shared.routes.get(&reply.client) {
+                // Never block on a slow client: a full stream loses this reply, and the
+                // client's retry to every replica gets it answered.
+                match route.try_send(reply) {
+                    Ok(()) => self.metrics.requests.with_label_values(&["pushed"]).inc(),
+                    Err(RouteSendError::Full(_)) => self
+                        .metrics
+                        .dropped_messages
+                        .with_label_values(&["client", "queue_full"])
+                        .inc(),
+                    Err(RouteSendError::Closed(reply)) => {
+                        shared.routes.remove(&reply.client);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The span over carrying out outputs that executed blocks: making them durable and
+/// answering their clients. `height` and `view` are the last block's.
+fn execute_span(group: &[Output]) -> Span {
+    let mut blocks = 0usize;
+    let (mut height, mut requests, mut view) = (0u64, 0usize, 0u64);
+    for e in group.iter().flat_map(|o| &o.events) {
+        if let Event::Executed {
+            height: h,
+            requests: r,
+            view: v,
+            ..
+        } = e
+        {
+            blocks += 1;
+            height = *h;
+            requests += *r;
+            view = *v;
+        }
+    }
+    if blocks == 0 {
+        return Span::none();
+    }
+    info_span!("execute", height, requests, view, blocks)
+}
