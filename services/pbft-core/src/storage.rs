@@ -62,25 +62,9 @@ pub enum StorageError {
 }
 
 /// Durable protocol state.
-///
-/// A call made only of [`PersistOp::Block`]s may return before it is synced, provided a
-/// crash can lose only a suffix of such calls (the next call with any other op, or a sync,
-/// makes them durable, as redb's non-durable commits are). Why that is safe: a block is
-/// executed only once it committed, that is once 2f + 1 replicas had durably stored a
-/// prepared certificate for its batch (every `Prepared` op is synced before the commit that
-/// depends on it is sent), so at least f + 1 correct replicas carry the batch into any view
-/// change and the block comes back, at the same height, by re-execution or by sync. Replies,
-/// checkpoint votes and status announcements sent about a lost block all hold again once
-/// it is back, because execution is deterministic. What this buys: the reply to a client
-/// no longer waits for an fsync of its block.
 pub trait Storage {
-    /// Applies `ops` in order and atomically; durably (synced) before returning, except as
-    /// the trait allows for calls made only of blocks.
+    /// Applies `ops` in order, atomically, and durably (synced) before returning.
     fn persist(&mut self, ops: &[PersistOp]) -> Result<(), StorageError>;
-    /// Makes everything persisted so far durable (on a clean stop).
-    fn sync(&mut self) -> Result<(), StorageError> {
-        Ok(())
-    }
     /// Reads back everything needed to restart.
     fn recover(&self) -> Result<Recovered, StorageError>;
 }
@@ -96,12 +80,9 @@ pub trait StateProvider {
 }
 
 /// In-memory [`Storage`] and [`StateProvider`]: survives a simulated crash because the
-/// simulator keeps it while it drops the replica, except for what [`MemStore::crash`] loses.
+/// simulator keeps it while it drops the replica.
 #[derive(Clone, Debug, Default)]
 pub struct MemStore {
-    /// Heights stored by block-only calls since the last call with any other op: what a
-    /// crash may lose under the [`Storage`] contract, and does lose here.
-    unsynced: Vec<Seq>,
     view: View,
     changing: bool,
     accepted: BTreeMap<Seq, Signed<PrePrepare>>,
@@ -125,14 +106,6 @@ impl MemStore {
         self.blocks.get(&height)
     }
 
-    /// A crash: the blocks that were never synced are gone, as with a real store that
-    /// acknowledged them lazily.
-    pub fn crash(&mut self) {
-        for h in self.unsynced.drain(..) {
-            self.blocks.remove(&h);
-        }
-    }
-
     /// Forgets everything, as a wiped disk would.
     pub fn wipe(&mut self) {
         *self = MemStore::default();
@@ -141,14 +114,6 @@ impl MemStore {
 
 impl Storage for MemStore {
     fn persist(&mut self, ops: &[PersistOp]) -> Result<(), StorageError> {
-        if ops.iter().all(|op| matches!(op, PersistOp::Block(_))) {
-            self.unsynced.extend(ops.iter().filter_map(|op| match op {
-                PersistOp::Block(b) => Some(b.height),
-                _ => None,
-            }));
-        } else {
-            self.unsynced.clear();
-        }
         for op in ops {
             match op {
                 PersistOp::View { view, changing } => {
@@ -181,11 +146,6 @@ impl Storage for MemStore {
                 }
             }
         }
-        Ok(())
-    }
-
-    fn sync(&mut self) -> Result<(), StorageError> {
-        self.unsynced.clear();
         Ok(())
     }
 

@@ -149,11 +149,12 @@ impl Node {
         let looped = self.node_loop(&shutdown, &out_tx);
         // Whatever the loop left, the persistence thread finishes before the node returns.
         drop(out_tx);
-        let persisted = match persister.join() {
-            Ok(r) => r.map_err(NodeError::from),
-            Err(_) => Err(NodeError::PersisterGone),
-        };
-        looped.and(persisted)?;
+        // A storage error first: it is why the loop, if it failed, found the thread gone.
+        match persister.join() {
+            Ok(r) => r?,
+            Err(_) => return Err(NodeError::PersisterGone),
+        }
+        looped?;
         info!("node loop stopped; storage flushed");
         Ok(())
     }

@@ -510,8 +510,7 @@ fn scan<T: AtSeq>(txn: &redb::ReadTransaction, tab: Tab<u64>) -> Result<Vec<T>, 
 }
 
 impl Storage for RedbStore {
-    /// All of `ops` in one write transaction, fsync'd before returning unless it holds
-    /// only blocks (see the `Storage` trait). On error nothing of
+    /// All of `ops` in one write transaction, fsync'd before returning. On error nothing of
     /// `ops` is applied (the transaction is dropped, which aborts it).
     fn persist(&mut self, ops: &[PersistOp]) -> Result<(), StorageError> {
         if ops.is_empty() {
@@ -522,15 +521,7 @@ impl Storage for RedbStore {
             .db
             .begin_write()
             .map_err(|e| db_error("starting a transaction", e))?;
-        // Blocks alone are committed without an fsync; the next commit with anything else
-        // syncs them too, and a crash before it loses only a suffix of them (redb keeps
-        // commits in order). The `Storage` trait says why that is safe.
-        let durability = if ops.iter().all(|op| matches!(op, PersistOp::Block(_))) {
-            Durability::None
-        } else {
-            Durability::Immediate
-        };
-        txn.set_durability(durability)
+        txn.set_durability(Durability::Immediate)
             .map_err(|e| db_error("setting durability", e))?;
         {
             let mut accepted = ACCEPTED.open_write(&txn)?;
@@ -602,18 +593,6 @@ impl Storage for RedbStore {
             }
         }
         txn.commit().map_err(|e| db_error("committing", e))
-    }
-
-    /// An empty commit with an fsync, which makes every earlier unsynced commit durable.
-    fn sync(&mut self) -> Result<(), StorageError> {
-        let mut txn = self
-            .reader
-            .db
-            .begin_write()
-            .map_err(|e| db_error("starting a transaction", e))?;
-        txn.set_durability(Durability::Immediate)
-            .map_err(|e| db_error("setting durability", e))?;
-        txn.commit().map_err(|e| db_error("syncing", e))
     }
 
     fn recover(&self) -> Result<Recovered, StorageError> {
@@ -953,50 +932,6 @@ mod tests {
             drop(db);
             assert_same_answers(&mem, &open(&dir), &format!("PBFT_SEED={seed} reopened"));
         }
-    }
-
-    #[test]
-    fn blocks_committed_lazily_are_durable_after_the_next_synced_call_or_a_sync() {
-        let dir = TempDir::new().unwrap();
-        let blocks = chain(6);
-        let mut db = open(&dir);
-        for b in &blocks[..3] {
-            db.persist(&[PersistOp::Block(b.clone())]).unwrap();
-        }
-        // A synced call (the view) makes the lazy blocks before it durable too.
-        db.persist(&[PersistOp::View {
-            view: 1,
-            changing: false,
-        }])
-        .unwrap();
-        for b in &blocks[3..] {
-            db.persist(&[PersistOp::Block(b.clone())]).unwrap();
-        }
-        db.sync().unwrap();
-        drop(db);
-        let r = open(&dir).recover().unwrap();
-        assert_eq!(r.blocks, blocks);
-        assert_eq!(r.view, 1);
-    }
-
-    #[test]
-    fn a_memstore_crash_loses_exactly_the_blocks_no_synced_call_followed() {
-        let blocks = chain(5);
-        let mut mem = MemStore::new();
-        mem.persist(&[PersistOp::Block(blocks[0].clone())]).unwrap();
-        mem.persist(&[
-            PersistOp::Block(blocks[1].clone()),
-            PersistOp::Accepted(pre_prepare(0, 3)),
-        ])
-        .unwrap();
-        mem.persist(&[PersistOp::Block(blocks[2].clone())]).unwrap();
-        mem.persist(&[PersistOp::Block(blocks[3].clone())]).unwrap();
-        mem.crash();
-        assert_eq!(mem.recover().unwrap().blocks, blocks[..2].to_vec());
-        mem.persist(&[PersistOp::Block(blocks[2].clone())]).unwrap();
-        mem.sync().unwrap();
-        mem.crash();
-        assert_eq!(mem.recover().unwrap().blocks, blocks[..3].to_vec());
     }
 
     #[test]

@@ -415,8 +415,6 @@ impl Sim {
                 r.core = None;
                 if spec.wipe {
                     r.store.wipe();
-                } else {
-                    r.store.crash();
                 }
                 self.log(format!(
                     "crash r{}{}",
