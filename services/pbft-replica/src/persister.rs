@@ -174,3 +174,171 @@ fn execute_span(group: &[Output]) -> Span {
     }
     info_span!("execute", height, requests, view, blocks)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc::sync_channel;
+
+    use pbft_core::{
+        Envelope, Message, OpResult, PersistOp, Recovered, ReplicaId, SyncRequest, View,
+    };
+
+    use super::*;
+    use crate::transport::SendError;
+
+    /// What happened, in order, across the store and the transport.
+    #[derive(Debug, PartialEq, Eq)]
+    enum Step {
+        Persist(Vec<View>),
+        Send(u64),
+    }
+
+    type Log = Arc<Mutex<Vec<Step>>>;
+
+    struct RecordingStore {
+        log: Log,
+        fail: bool,
+    }
+
+    impl Storage for RecordingStore {
+        fn persist(&mut self, ops: &[PersistOp]) -> Result<(), StorageError> {
+            if self.fail {
+                return Err(StorageError::Io("disk gone".into()));
+            }
+            let views = ops
+                .iter()
+                .map(|op| match op {
+                    PersistOp::View { view, .. } => *view,
+                    other => panic!("unexpected op {other:?}"),
+                })
+                .collect();
+            self.log.lock().unwrap().push(Step::Persist(views));
+            Ok(())
+        }
+
+        fn recover(&self) -> Result<Recovered, StorageError> {
+            Ok(Recovered::default())
+        }
+    }
+
+    struct RecordingOutbound(Log);
+
+    impl Outbound for RecordingOutbound {
+        fn send(&self, _to: ReplicaId, msg: &Message) {
+            if let Message::SyncRequest(r) = msg {
+                self.0.lock().unwrap().push(Step::Send(r.from_height));
+            }
+        }
+        fn broadcast(&self, msg: &Message) -> Vec<(ReplicaId, SendError)> {
+            self.send(ReplicaId(0), msg);
+            Vec::new()
+        }
+    }
+
+    /// An output that persists view `v` and sends a message tagged `v`.
+    fn output(v: u64, to_all: bool) -> Output {
+        Output {
+            persist: vec![PersistOp::View {
+                view: v,
+                changing: false,
+            }],
+            messages: vec![Envelope {
+                to: if to_all {
+                    Target::All
+                } else {
+                    Target::Replica(ReplicaId(1))
+                },
+                msg: Message::SyncRequest(SyncRequest {
+                    from_height: v,
+                    max_blocks: 1,
+                }),
+            }],
+            ..Output::default()
+        }
+    }
+
+    fn persister(log: &Log, fail: bool) -> Persister {
+        Persister {
+            store: Box::new(RecordingStore {
+                log: log.clone(),
+                fail,
+            }),
+            outbound: Arc::new(RecordingOutbound(log.clone())),
+            replies: SharedReplies::default(),
+            metrics: Metrics::new(),
+        }
+    }
+
+    #[test]
+    fn waiting_outputs_share_one_commit_and_nothing_is_sent_before_it() {
+        let log = Log::default();
+        let (tx, rx) = sync_channel(16);
+        for v in 1..=3 {
+            tx.send(output(v, v % 2 == 0)).unwrap();
+        }
+        drop(tx);
+        persister(&log, false).run(rx).unwrap();
+        assert_eq!(
+            *log.lock().unwrap(),
+            vec![
+                Step::Persist(vec![1, 2, 3]),
+                Step::Send(1),
+                Step::Send(2),
+                Step::Send(3)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_storage_error_stops_it_before_anything_of_that_group_is_sent() {
+        let log = Log::default();
+        let (tx, rx) = sync_channel(16);
+        tx.send(output(1, true)).unwrap();
+        drop(tx);
+        let err = persister(&log, true).run(rx).unwrap_err();
+        assert!(err.to_string().contains("disk gone"), "{err}");
+        assert!(log.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn replies_go_to_waiting_calls_then_to_client_streams() {
+        let log = Log::default();
+        let p = persister(&log, false);
+        let (call_tx, mut call_rx) = oneshot::channel();
+        let (route_tx, mut route_rx) = tokio::sync::mpsc::channel(4);
+        {
+            let mut shared = p.replies.lock();
+            shared.waiters.insert(
+                (ClientId(7), 1),
+                vec![Waiter {
+                    tx: call_tx,
+                    since: Instant::now(),
+                }],
+            );
+            shared.routes.insert(ClientId(8), route_tx);
+        }
+        let reply = |client, timestamp| Reply {
+            view: 0,
+            timestamp,
+            client: ClientId(client),
+            replica: ReplicaId(0),
+            result: OpResult::Written,
+        };
+        let (tx, rx) = sync_channel(4);
+        tx.send(Output {
+            replies: vec![reply(7, 1), reply(8, 5), reply(9, 1)],
+            ..Output::default()
+        })
+        .unwrap();
+        drop(tx);
+        let shared = p.replies.clone();
+        p.run(rx).unwrap();
+        assert_eq!(call_rx.try_recv().unwrap(), reply(7, 1));
+        assert_eq!(route_rx.try_recv().unwrap(), reply(8, 5));
+        assert!(shared.lock().waiters.is_empty());
+        assert!(
+            log.lock().unwrap().is_empty(),
+            "no persist for an output without ops"
+        );
+    }
+}
