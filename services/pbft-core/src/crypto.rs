@@ -385,6 +385,18 @@ mod tests {
             .collect()
     }
 
+    /// Each item's index with its signer's key (every signer registered).
+    fn known_keys<'a>(
+        ring: &'a KeyRing,
+        items: &[(ClientId, Vec<u8>, Signature)],
+    ) -> Vec<(usize, &'a ClientKey)> {
+        items
+            .iter()
+            .enumerate()
+            .map(|(i, (c, _, _))| (i, &ring.clients[c]))
+            .collect()
+    }
+
     fn batch_and_single(
         ring: &KeyRing,
         items: &[(ClientId, Vec<u8>, Signature)],
@@ -414,11 +426,7 @@ mod tests {
         for (bad, holds) in [(vec![], true), (vec![6], false), (vec![1, 8], false)] {
             let (ring, items) = mixed_batch(&bad);
             let sigs = client_sigs(&items);
-            let known: Vec<(usize, &ClientKey)> = items
-                .iter()
-                .enumerate()
-                .map(|(i, (c, _, _))| (i, &ring.clients[c]))
-                .collect();
+            let known = known_keys(&ring, &items);
             assert_eq!(batch_holds(&sigs, &known), holds, "bad items {bad:?}");
         }
     }
@@ -473,11 +481,7 @@ mod tests {
                 items.push((ClientId(who as u64), msg, sig));
             }
             let sigs = client_sigs(&items);
-            let known: Vec<(usize, &ClientKey)> = items
-                .iter()
-                .enumerate()
-                .map(|(i, (c, _, _))| (i, &ring.clients[c]))
-                .collect();
+            let known = known_keys(&ring, &items);
             let ours = batch_holds(&sigs, &known);
             let mut zebra = ed25519_zebra::batch::Verifier::new();
             for (c, m, s) in &items {

@@ -245,7 +245,6 @@ pub async fn run(
     let slot = Arc::new(transport::LateOutbound::default());
     let (node, handle) = Node::new(
         replica,
-        Box::new(store),
         slot.clone(),
         status.clone(),
         metrics.clone(),
@@ -338,7 +337,7 @@ pub async fn run(
     let node_stop = stop.clone();
     let node_thread = std::thread::Builder::new()
         .name("pbft-node".into())
-        .spawn(move || node.run(node_stop))
+        .spawn(move || node.run(Box::new(store), node_stop))
         .context("cannot start node thread")?;
 
     shutdown.await;

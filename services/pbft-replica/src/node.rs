@@ -84,8 +84,6 @@ pub enum NodeError {
 /// The node loop's state.
 pub struct Node {
     replica: Replica,
-    /// Moves to the persistence thread when `run` starts.
-    store: Option<Box<dyn Storage + Send>>,
     outbound: Arc<dyn Outbound>,
     rx: Receiver<Inbound>,
     status: Arc<SharedStatus>,
@@ -104,7 +102,6 @@ impl Node {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         replica: Replica,
-        store: Box<dyn Storage + Send>,
         outbound: Arc<dyn Outbound>,
         status: Arc<SharedStatus>,
         metrics: Metrics,
@@ -114,7 +111,6 @@ impl Node {
         let (handle, rx) = NodeHandle::channel(metrics.clone());
         let node = Node {
             replica,
-            store: Some(store),
             outbound,
             rx,
             status,
@@ -130,9 +126,12 @@ impl Node {
     }
 
     /// Runs until `shutdown` is set and every sender is gone or the flag is seen; every
-    /// output, the last included, is persisted (and sent) before returning.
-    pub fn run(mut self, shutdown: Arc<AtomicBool>) -> Result<(), NodeError> {
-        let store = self.store.take().ok_or(NodeError::PersisterGone)?;
+    /// output, the last included, is persisted in `store` (and sent) before returning.
+    pub fn run(
+        mut self,
+        store: Box<dyn Storage + Send>,
+        shutdown: Arc<AtomicBool>,
+    ) -> Result<(), NodeError> {
         let (out_tx, out_rx) = std::sync::mpsc::sync_channel(PENDING_OUTPUTS);
         let persister = Persister {
             store,
