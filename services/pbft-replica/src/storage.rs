@@ -19,8 +19,17 @@
 //! | `accepted`    | seq          | `SignedPrePrepare`                              |
 //! | `prepared`    | seq          | `PreparedProof` (the highest view per seq)      |
 //! | `blocks`      | height       | `Block`; never pruned: it is the ledger         |
+//! | `batches`     | seq, digest  | `Batch` of the three above (see below)          |
 //! | `checkpoints` | seq          | `CheckpointCertificate`                         |
 //! | `snapshot`    | `"latest"`   | `StableCheckpoint`: the latest stable state     |
+//!
+//! Each batch is written once. Its accepted pre-prepare, prepared certificate and block
+//! all carry it, and storing it inside each wrote every request three times (two thirds
+//! of a loaded replica's write volume) and made pruning read the copies back to delete
+//! them. Those records are stored with an empty batch and the batch's digest, and the
+//! batch under (sequence, digest) in `batches`, where it stays while any record refers to
+//! it: pruning and overwrites drop a batch once nothing does, so a batch outlives its
+//! pre-prepare only as part of the ledger.
 //!
 //! Integrity: every value is framed as `[version][checksum: 8][payload]`, the checksum being
 //! the first 8 bytes of SHA-256 over the table name, the key and the payload. A damaged value,
@@ -30,13 +39,14 @@
 //! fails to open. That check reads the whole file once per start; a replica restarts rarely and
 //! must not run on damaged state.
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
 
 use pbft_core::{
-    Block, CheckpointCert, PersistOp, PrePrepare, PreparedProof, Recovered, Seq, Signed,
-    StableCheckpoint, StateProvider, Storage, StorageError, View,
+    Batch, Block, CheckpointCert, Digest, PersistOp, PrePrepare, PreparedProof, Recovered, Seq,
+    Signed, StableCheckpoint, StateProvider, Storage, StorageError, View,
 };
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use sha2::{Digest as _, Sha256};
@@ -87,6 +97,7 @@ const META: Tab<&'static str> = Tab::new("meta");
 const ACCEPTED: Tab<u64> = Tab::new("accepted");
 const PREPARED: Tab<u64> = Tab::new("prepared");
 const BLOCKS: Tab<u64> = Tab::new("blocks");
+const BATCHES: Tab<&'static [u8]> = Tab::new("batches");
 const CHECKPOINTS: Tab<u64> = Tab::new("checkpoints");
 const SNAPSHOT: Tab<&'static str> = Tab::new("snapshot");
 
@@ -102,6 +113,11 @@ const FORMAT_TAG: &[u8] = b"pbft-replica-store";
 /// authentication (everything that matters is signed); format-1 values still read.
 const FRAME_VERSION: u8 = 2;
 const FRAME_VERSION_SHA256: u8 = 1;
+/// Frame format 3: checksummed as format 2, for a record whose batch is stored apart (see
+/// the module documentation). Its payload is the batch digest, then the record with an
+/// empty batch.
+const FRAME_VERSION_SPLIT: u8 = 3;
+const DIGEST_LEN: usize = 32;
 const CHECKSUM_LEN: usize = 8;
 const HEADER_LEN: usize = 1 + CHECKSUM_LEN;
 
@@ -143,6 +159,8 @@ impl fmt::Debug for RedbReader {
 enum Key<'a> {
     Seq(u64),
     Name(&'a str),
+    /// A batch in `batches`: its sequence number and digest.
+    Batch(u64, Digest),
 }
 
 impl Key<'_> {
@@ -150,6 +168,7 @@ impl Key<'_> {
         match self {
             Key::Seq(s) => s.to_be_bytes().to_vec(),
             Key::Name(n) => n.as_bytes().to_vec(),
+            Key::Batch(s, d) => [&s.to_be_bytes()[..], &d.0].concat(),
         }
     }
 }
@@ -159,6 +178,7 @@ impl fmt::Display for Key<'_> {
         match self {
             Key::Seq(s) => write!(f, "{s}"),
             Key::Name(n) => write!(f, "{n:?}"),
+            Key::Batch(s, d) => write!(f, "{s}/{}", d.to_hex()),
         }
     }
 }
@@ -191,8 +211,12 @@ fn checksum_sha256(table: &str, key: Key<'_>, payload: &[u8]) -> [u8; CHECKSUM_L
 
 /// `payload` framed for storing under `table`/`key`.
 fn frame(table: &str, key: Key<'_>, payload: &[u8]) -> Vec<u8> {
+    frame_as(FRAME_VERSION, table, key, payload)
+}
+
+fn frame_as(version: u8, table: &str, key: Key<'_>, payload: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(HEADER_LEN + payload.len());
-    v.push(FRAME_VERSION);
+    v.push(version);
     v.extend_from_slice(&checksum(table, key, payload));
     v.extend_from_slice(payload);
     v
@@ -202,8 +226,22 @@ fn corrupt(table: &str, key: Key<'_>, what: impl fmt::Display) -> StorageError {
     StorageError::Corrupt(format!("table {table:?}, key {key}: {what}"))
 }
 
-/// The payload of a stored value, after checking its frame and checksum.
+/// The payload of a stored value, after checking its frame and checksum. Only records
+/// with a batch may be stored in the split format ([`unframe_record`]).
 fn unframe<'v>(table: &str, key: Key<'_>, value: &'v [u8]) -> Result<&'v [u8], StorageError> {
+    match unframe_record(table, key, value)? {
+        (None, payload) => Ok(payload),
+        (Some(_), _) => Err(corrupt(table, key, "a split record where none belongs")),
+    }
+}
+
+/// Like [`unframe`], for a record that may keep its batch apart: the batch's digest when
+/// it does, and the payload.
+fn unframe_record<'v>(
+    table: &str,
+    key: Key<'_>,
+    value: &'v [u8],
+) -> Result<(Option<Digest>, &'v [u8]), StorageError> {
     if value.len() < HEADER_LEN {
         return Err(corrupt(
             table,
@@ -213,7 +251,7 @@ fn unframe<'v>(table: &str, key: Key<'_>, value: &'v [u8]) -> Result<&'v [u8], S
     }
     let (header, payload) = value.split_at(HEADER_LEN);
     let expected = match header[0] {
-        FRAME_VERSION => checksum(table, key, payload),
+        FRAME_VERSION | FRAME_VERSION_SPLIT => checksum(table, key, payload),
         FRAME_VERSION_SHA256 => checksum_sha256(table, key, payload),
         other => {
             return Err(corrupt(
@@ -226,7 +264,16 @@ fn unframe<'v>(table: &str, key: Key<'_>, value: &'v [u8]) -> Result<&'v [u8], S
     if header[1..] != expected {
         return Err(corrupt(table, key, "checksum mismatch"));
     }
-    Ok(payload)
+    if header[0] != FRAME_VERSION_SPLIT {
+        return Ok((None, payload));
+    }
+    if payload.len() < DIGEST_LEN {
+        return Err(corrupt(table, key, "split record shorter than its digest"));
+    }
+    let (digest, rest) = payload.split_at(DIGEST_LEN);
+    let mut d = [0; DIGEST_LEN];
+    d.copy_from_slice(digest);
+    Ok((Some(Digest(d)), rest))
 }
 
 /// Checks and decodes a stored value.
@@ -265,7 +312,13 @@ impl AtSeq for CheckpointCert {
 }
 
 fn decode_at<T: AtSeq>(table: &str, seq: Seq, value: &[u8]) -> Result<T, StorageError> {
-    let v: T = decode(table, Key::Seq(seq), value)?;
+    payload_at(table, seq, unframe(table, Key::Seq(seq), value)?)
+}
+
+/// Decodes a checked payload stored under `seq`, which must be the value's own.
+fn payload_at<T: AtSeq>(table: &str, seq: Seq, payload: &[u8]) -> Result<T, StorageError> {
+    let v = T::from_bytes(payload)
+        .map_err(|e| corrupt(table, Key::Seq(seq), format_args!("does not decode: {e}")))?;
     if v.seq() != seq {
         return Err(corrupt(
             table,
@@ -274,6 +327,174 @@ fn decode_at<T: AtSeq>(table: &str, seq: Seq, value: &[u8]) -> Result<T, Storage
         ));
     }
     Ok(v)
+}
+
+/// A record that carries a batch, which the store keeps apart (frame format 3).
+trait WithBatch: AtSeq {
+    fn batch(&self) -> &Batch;
+    fn batch_mut(&mut self) -> &mut Batch;
+    /// A copy with an empty batch: cheap, everything but the batch is small.
+    fn without_batch(&self) -> Self;
+    /// The digest the batch is stored under.
+    fn batch_digest(&self) -> Digest;
+}
+
+impl WithBatch for Signed<PrePrepare> {
+    fn batch(&self) -> &Batch {
+        &self.body.batch
+    }
+    fn batch_mut(&mut self) -> &mut Batch {
+        &mut self.body.batch
+    }
+    fn without_batch(&self) -> Self {
+        let b = &self.body;
+        Signed {
+            body: PrePrepare {
+                view: b.view,
+                seq: b.seq,
+                digest: b.digest,
+                batch: Batch::default(),
+            },
+            signature: self.signature,
+        }
+    }
+    /// The core persists only pre-prepares whose digest it checked against the batch.
+    fn batch_digest(&self) -> Digest {
+        self.body.digest
+    }
+}
+
+impl WithBatch for PreparedProof {
+    fn batch(&self) -> &Batch {
+        self.pre_prepare.batch()
+    }
+    fn batch_mut(&mut self) -> &mut Batch {
+        self.pre_prepare.batch_mut()
+    }
+    fn without_batch(&self) -> Self {
+        PreparedProof {
+            pre_prepare: self.pre_prepare.without_batch(),
+            prepares: self.prepares.clone(),
+        }
+    }
+    fn batch_digest(&self) -> Digest {
+        self.digest()
+    }
+}
+
+impl WithBatch for Block {
+    fn batch(&self) -> &Batch {
+        &self.batch
+    }
+    fn batch_mut(&mut self) -> &mut Batch {
+        &mut self.batch
+    }
+    fn without_batch(&self) -> Self {
+        Block {
+            height: self.height,
+            prev_hash: self.prev_hash,
+            batch: Batch::default(),
+            results_digest: self.results_digest,
+            state_digest: self.state_digest,
+            view: self.view,
+            certificate: self.certificate.clone(),
+        }
+    }
+    /// A block names no digest of its own: hashed here, once per block written.
+    fn batch_digest(&self) -> Digest {
+        self.batch.digest()
+    }
+}
+
+/// A stored record, its batch left empty if it is kept apart, and that batch's digest.
+fn decode_shallow<T: WithBatch>(
+    table: &str,
+    seq: Seq,
+    value: &[u8],
+) -> Result<(T, Option<Digest>), StorageError> {
+    let (digest, payload) = unframe_record(table, Key::Seq(seq), value)?;
+    Ok((payload_at(table, seq, payload)?, digest))
+}
+
+/// A stored record with its batch, fetched from `batches` if it is kept apart.
+fn decode_record<T: WithBatch>(
+    batches: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    table: &str,
+    seq: Seq,
+    value: &[u8],
+) -> Result<T, StorageError> {
+    let (mut record, digest) = decode_shallow::<T>(table, seq, value)?;
+    if let Some(digest) = digest {
+        let key = Key::Batch(seq, digest);
+        let stored = batches
+            .get(key.bytes().as_slice())
+            .map_err(|e| db_error(format_args!("reading table {:?}", BATCHES.name), e))?
+            .ok_or_else(|| {
+                corrupt(
+                    table,
+                    Key::Seq(seq),
+                    format_args!("its batch {key} is missing"),
+                )
+            })?;
+        *record.batch_mut() = decode(BATCHES.name, key, stored.value())?;
+    }
+    Ok(record)
+}
+
+/// The (sequence, digest) a key of `batches` stands for.
+fn parse_batch_key(key: &[u8]) -> Option<(Seq, Digest)> {
+    if key.len() != 8 + DIGEST_LEN {
+        return None;
+    }
+    let (seq, digest) = key.split_at(8);
+    Some((
+        u64::from_be_bytes(seq.try_into().ok()?),
+        Digest::from_slice(digest)?,
+    ))
+}
+
+/// The batch a stored record keeps apart, if it does.
+fn batch_ref(table: &str, seq: Seq, value: &[u8]) -> Result<Option<Digest>, StorageError> {
+    Ok(unframe_record(table, Key::Seq(seq), value)?.0)
+}
+
+/// Writes `record` under `seq`, its batch into `batches` unless already there (an empty
+/// batch stays inline). Returns the batch the replaced value kept apart, if any: it may now
+/// be unused.
+fn put_record<T: WithBatch>(
+    table: &mut redb::Table<'_, u64, &'static [u8]>,
+    name: &'static str,
+    batches: &mut redb::Table<'_, &'static [u8], &'static [u8]>,
+    seq: Seq,
+    record: &T,
+) -> Result<Option<(Seq, Digest)>, StorageError> {
+    let value = if record.batch().is_empty() {
+        frame(name, Key::Seq(seq), &record.to_bytes())
+    } else {
+        let digest = record.batch_digest();
+        let key = Key::Batch(seq, digest);
+        let key_bytes = key.bytes();
+        let stored = batches
+            .get(key_bytes.as_slice())
+            .map_err(write_err(BATCHES.name))?
+            .is_some();
+        if !stored {
+            let v = frame(BATCHES.name, key, &record.batch().to_bytes());
+            batches
+                .insert(key_bytes.as_slice(), v.as_slice())
+                .map_err(write_err(BATCHES.name))?;
+        }
+        let mut payload = digest.0.to_vec();
+        payload.extend_from_slice(&record.without_batch().to_bytes());
+        frame_as(FRAME_VERSION_SPLIT, name, Key::Seq(seq), &payload)
+    };
+    let old = table
+        .insert(seq, value.as_slice())
+        .map_err(write_err(name))?
+        .map(|old| batch_ref(name, seq, old.value()))
+        .transpose()?
+        .flatten();
+    Ok(old.map(|d| (seq, d)))
 }
 
 fn encode_view(view: View, changing: bool) -> Vec<u8> {
@@ -299,13 +520,17 @@ fn write_err(table: &'static str) -> impl Fn(redb::StorageError) -> StorageError
     move |e| db_error(format_args!("writing table {table:?}"), e)
 }
 
-/// Maps a redb failure, reporting damaged or foreign files (redb's corruption reports, and
-/// its "not a redb database" I/O error) as [`StorageError::Corrupt`].
+/// Maps a redb failure, reporting damaged or foreign files (redb's corruption reports, its
+/// "not a redb database" I/O error, and reads past the end of a file shorter than its own
+/// header says: a truncated one) as [`StorageError::Corrupt`].
 fn db_error(context: impl fmt::Display, e: impl Into<redb::Error>) -> StorageError {
     match e.into() {
         redb::Error::Corrupted(msg) => StorageError::Corrupt(format!("{context}: {msg}")),
         redb::Error::Io(io) if io.kind() == std::io::ErrorKind::InvalidData => {
             StorageError::Corrupt(format!("{context}: {io}"))
+        }
+        redb::Error::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+            StorageError::Corrupt(format!("{context}: the file is truncated ({io})"))
         }
         other => StorageError::Io(format!("{context}: {other}")),
     }
@@ -368,6 +593,7 @@ impl RedbStore {
             for tab in [ACCEPTED, PREPARED, BLOCKS, CHECKPOINTS] {
                 tab.open_write(&txn)?;
             }
+            BATCHES.open_write(&txn)?;
             SNAPSHOT.open_write(&txn)?;
             let key = Key::Name(FORMAT_KEY);
             let existing = meta
@@ -411,10 +637,13 @@ impl RedbReader {
         let base = checkpoint.as_ref().map_or(0, |c| c.cert.seq);
 
         // Blocks above the checkpoint must run on from it without a gap: replay needs each one.
-        let mut blocks = Vec::new();
+        let batches = BATCHES.open_read(&txn)?;
+        let mut blocks: Vec<Block> = Vec::new();
         if let Some(first) = base.checked_add(1) {
             let table = BLOCKS.open_read(&txn)?;
-            blocks = read_range::<Block>(&table, BLOCKS.name, first.., usize::MAX)?;
+            blocks = read_range(&table, BLOCKS.name, first.., usize::MAX, |seq, v| {
+                decode_record(&batches, BLOCKS.name, seq, v)
+            })?;
             for (expected, b) in (first..).zip(&blocks) {
                 if b.height != expected {
                     return Err(corrupt(
@@ -433,8 +662,8 @@ impl RedbReader {
             changing,
             checkpoint,
             blocks,
-            accepted: scan(&txn, ACCEPTED)?,
-            prepared: scan(&txn, PREPARED)?,
+            accepted: scan_records(&txn, &batches, ACCEPTED)?,
+            prepared: scan_records(&txn, &batches, PREPARED)?,
         })
     }
 
@@ -451,11 +680,48 @@ impl RedbReader {
     /// Reads and checks every stored value, including the blocks below the stable checkpoint
     /// that [`Storage::recover`] does not need. For operators and tests: it reads the whole
     /// ledger.
+    ///
+    /// Every batch kept apart must be referred to by some record: an unreferenced one is
+    /// reported too, since only a bug in this store could leave it.
     pub fn verify(&self) -> Result<(), StorageError> {
         let txn = self.read_txn()?;
-        scan::<Signed<PrePrepare>>(&txn, ACCEPTED)?;
-        scan::<PreparedProof>(&txn, PREPARED)?;
-        scan::<Block>(&txn, BLOCKS)?;
+        let batches = BATCHES.open_read(&txn)?;
+        let mut used = BTreeSet::new();
+        let accepted: Vec<Signed<PrePrepare>> = scan_records(&txn, &batches, ACCEPTED)?;
+        let prepared: Vec<PreparedProof> = scan_records(&txn, &batches, PREPARED)?;
+        let blocks: Vec<Block> = scan_records(&txn, &batches, BLOCKS)?;
+        used.extend(accepted.iter().map(|r| (r.seq(), r.batch_digest())));
+        used.extend(prepared.iter().map(|r| (r.seq(), r.batch_digest())));
+        used.extend(blocks.iter().map(|r| (r.seq(), r.batch_digest())));
+        let iter = batches
+            .iter()
+            .map_err(|e| db_error(format_args!("reading table {:?}", BATCHES.name), e))?;
+        for entry in iter {
+            let (k, v) =
+                entry.map_err(|e| db_error(format_args!("reading table {:?}", BATCHES.name), e))?;
+            let key = parse_batch_key(k.value()).ok_or_else(|| {
+                StorageError::Corrupt(format!(
+                    "table {:?}: a key of {} bytes",
+                    BATCHES.name,
+                    k.value().len()
+                ))
+            })?;
+            let batch: Batch = decode(BATCHES.name, Key::Batch(key.0, key.1), v.value())?;
+            if batch.digest() != key.1 {
+                return Err(corrupt(
+                    BATCHES.name,
+                    Key::Batch(key.0, key.1),
+                    "holds a batch with another digest",
+                ));
+            }
+            if !used.contains(&key) {
+                return Err(corrupt(
+                    BATCHES.name,
+                    Key::Batch(key.0, key.1),
+                    "no record refers to this batch",
+                ));
+            }
+        }
         scan::<CheckpointCert>(&txn, CHECKPOINTS)?;
         let meta = META.open_read(&txn)?;
         if let Some(v) = get_named(&meta, VIEW_KEY)? {
@@ -485,13 +751,14 @@ fn get_named(
         .map(|v| v.value().to_vec()))
 }
 
-/// Decodes every value of a sequence-keyed table whose key lies in `range`, in key order, at
-/// most `max` of them.
-fn read_range<T: AtSeq>(
+/// Decodes (with `decode`) every value of a sequence-keyed table whose key lies in
+/// `range`, in key order, at most `max` of them.
+fn read_range<T>(
     table: &impl ReadableTable<u64, &'static [u8]>,
     name: &'static str,
     range: impl std::ops::RangeBounds<u64> + 'static,
     max: usize,
+    decode: impl Fn(Seq, &[u8]) -> Result<T, StorageError>,
 ) -> Result<Vec<T>, StorageError> {
     let iter = table
         .range(range)
@@ -499,14 +766,28 @@ fn read_range<T: AtSeq>(
     let mut out = Vec::new();
     for entry in iter.take(max) {
         let (k, v) = entry.map_err(|e| db_error(format_args!("reading table {name:?}"), e))?;
-        out.push(decode_at(name, k.value(), v.value())?);
+        out.push(decode(k.value(), v.value())?);
     }
     Ok(out)
 }
 
 fn scan<T: AtSeq>(txn: &redb::ReadTransaction, tab: Tab<u64>) -> Result<Vec<T>, StorageError> {
     let table = tab.open_read(txn)?;
-    read_range(&table, tab.name, .., usize::MAX)
+    read_range(&table, tab.name, .., usize::MAX, |seq, v| {
+        decode_at(tab.name, seq, v)
+    })
+}
+
+/// Every record of `tab`, with its batch.
+fn scan_records<T: WithBatch>(
+    txn: &redb::ReadTransaction,
+    batches: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    tab: Tab<u64>,
+) -> Result<Vec<T>, StorageError> {
+    let table = tab.open_read(txn)?;
+    read_range(&table, tab.name, .., usize::MAX, |seq, v| {
+        decode_record(batches, tab.name, seq, v)
+    })
 }
 
 impl Storage for RedbStore {
@@ -527,9 +808,13 @@ impl Storage for RedbStore {
             let mut accepted = ACCEPTED.open_write(&txn)?;
             let mut prepared = PREPARED.open_write(&txn)?;
             let mut blocks = BLOCKS.open_write(&txn)?;
+            let mut batches = BATCHES.open_write(&txn)?;
             let mut checkpoints = CHECKPOINTS.open_write(&txn)?;
             let mut meta = META.open_write(&txn)?;
             let mut snapshot = SNAPSHOT.open_write(&txn)?;
+            // Batches a replaced or pruned record kept apart: dropped at the end of the
+            // transaction unless some record still refers to them.
+            let mut released = BTreeSet::new();
 
             for op in ops {
                 match op {
@@ -539,36 +824,40 @@ impl Storage for RedbStore {
                     }
                     PersistOp::Accepted(pp) => {
                         let seq = pp.body.seq;
-                        let v = frame(ACCEPTED.name, Key::Seq(seq), &pp.to_bytes());
-                        accepted
-                            .insert(seq, v.as_slice())
-                            .map_err(write_err(ACCEPTED.name))?;
+                        released.extend(put_record(
+                            &mut accepted,
+                            ACCEPTED.name,
+                            &mut batches,
+                            seq,
+                            pp,
+                        )?);
                     }
                     PersistOp::Prepared(p) => {
                         let seq = p.seq();
-                        let old = prepared
+                        let old_view = prepared
                             .get(seq)
                             .map_err(write_err(PREPARED.name))?
-                            .map(|v| v.value().to_vec());
-                        let keep = match old {
-                            None => true,
-                            Some(old) => {
-                                decode_at::<PreparedProof>(PREPARED.name, seq, &old)?.view()
-                                    <= p.view()
-                            }
-                        };
-                        if keep {
-                            let v = frame(PREPARED.name, Key::Seq(seq), &p.to_bytes());
-                            prepared
-                                .insert(seq, v.as_slice())
-                                .map_err(write_err(PREPARED.name))?;
+                            .map(|v| decode_shallow::<PreparedProof>(PREPARED.name, seq, v.value()))
+                            .transpose()?
+                            .map(|(old, _)| old.view());
+                        if old_view.is_none_or(|v| v <= p.view()) {
+                            released.extend(put_record(
+                                &mut prepared,
+                                PREPARED.name,
+                                &mut batches,
+                                seq,
+                                p,
+                            )?);
                         }
                     }
                     PersistOp::Block(b) => {
-                        let v = frame(BLOCKS.name, Key::Seq(b.height), &b.to_bytes());
-                        blocks
-                            .insert(b.height, v.as_slice())
-                            .map_err(write_err(BLOCKS.name))?;
+                        released.extend(put_record(
+                            &mut blocks,
+                            BLOCKS.name,
+                            &mut batches,
+                            b.height,
+                            b,
+                        )?);
                     }
                     PersistOp::Checkpoint(stable) => {
                         let seq = stable.cert.seq;
@@ -582,13 +871,45 @@ impl Storage for RedbStore {
                             .map_err(write_err(SNAPSHOT.name))?;
                     }
                     PersistOp::Prune { upto } => {
-                        accepted
-                            .retain_in(..=*upto, |_, _| false)
-                            .map_err(write_err(ACCEPTED.name))?;
-                        prepared
-                            .retain_in(..=*upto, |_, _| false)
-                            .map_err(write_err(PREPARED.name))?;
+                        for (table, name) in [
+                            (&mut accepted, ACCEPTED.name),
+                            (&mut prepared, PREPARED.name),
+                        ] {
+                            // Split records are small; a record in an older format holds
+                            // its batch inline and releases nothing, so it is not copied.
+                            let mut pruned = Vec::new();
+                            table
+                                .retain_in(..=*upto, |seq, v| {
+                                    if v.first() == Some(&FRAME_VERSION_SPLIT) {
+                                        pruned.push((seq, v.to_vec()));
+                                    }
+                                    false
+                                })
+                                .map_err(write_err(name))?;
+                            for (seq, v) in pruned {
+                                if let Some(d) = batch_ref(name, seq, &v)? {
+                                    released.insert((seq, d));
+                                }
+                            }
+                        }
                     }
+                }
+            }
+            for (seq, digest) in released {
+                let mut used = false;
+                for (table, name) in [
+                    (&accepted, ACCEPTED.name),
+                    (&prepared, PREPARED.name),
+                    (&blocks, BLOCKS.name),
+                ] {
+                    if let Some(v) = table.get(seq).map_err(write_err(name))? {
+                        used |= batch_ref(name, seq, v.value())? == Some(digest);
+                    }
+                }
+                if !used {
+                    batches
+                        .remove(Key::Batch(seq, digest).bytes().as_slice())
+                        .map_err(write_err(BATCHES.name))?;
                 }
             }
         }
@@ -618,7 +939,10 @@ impl StateProvider for RedbReader {
     fn blocks_from(&self, from_height: Seq, max: usize) -> Result<Vec<Block>, StorageError> {
         let txn = self.read_txn()?;
         let table = BLOCKS.open_read(&txn)?;
-        read_range(&table, BLOCKS.name, from_height.., max)
+        let batches = BATCHES.open_read(&txn)?;
+        read_range(&table, BLOCKS.name, from_height.., max, |seq, v| {
+            decode_record(&batches, BLOCKS.name, seq, v)
+        })
     }
 
     fn checkpoints(&self) -> Result<Vec<CheckpointCert>, StorageError> {
@@ -652,20 +976,23 @@ mod tests {
         Signature([b; 64])
     }
 
-    fn batch(seq: Seq) -> Batch {
+    /// The batch blocks carry at `seq` (`variant` 0), or another one for the same seq.
+    fn batch(seq: Seq, variant: u8) -> Batch {
         Batch::new(vec![Request {
             client: ClientId(seq % 3),
             timestamp: seq,
             op: Operation::Put {
                 key: format!("k{seq}").into_bytes(),
-                value: vec![seq as u8; 5],
+                value: vec![seq as u8 ^ variant; 5],
             },
             signature: sig(seq as u8),
         }])
     }
 
+    /// Pre-prepares of odd views propose another batch than the block's, so histories
+    /// leave batches that end up unused (and must be dropped).
     fn pre_prepare(view: View, seq: Seq) -> Signed<PrePrepare> {
-        let batch = batch(seq);
+        let batch = batch(seq, (view % 2) as u8);
         Signed {
             body: PrePrepare {
                 view,
@@ -697,7 +1024,7 @@ mod tests {
     }
 
     fn block(height: Seq, prev_hash: Digest) -> Block {
-        let batch = batch(height);
+        let batch = batch(height, 0);
         let certificate = (0..3)
             .map(|r| Signed {
                 body: Commit {
@@ -1060,10 +1387,11 @@ mod tests {
         let dir = TempDir::new().unwrap();
         let db = store_with_history(&dir);
         let before = db.recover().unwrap();
-        // Rewrite every block as format 1 (SHA-256 checksum) would have stored it.
-        for h in 1..=11 {
+        // Rewrite every block as format 1 (SHA-256 checksum, batch inline) stored it.
+        for b in db.blocks_from(1, 11).unwrap() {
+            let h = b.height;
             poke_seq(&db, BLOCKS, h, |v| {
-                let payload = v[HEADER_LEN..].to_vec();
+                let payload = b.to_bytes();
                 let mut old = vec![FRAME_VERSION_SHA256];
                 old.extend_from_slice(&checksum_sha256(BLOCKS.name, Key::Seq(h), &payload));
                 old.extend_from_slice(&payload);
@@ -1138,21 +1466,30 @@ mod tests {
 
     #[test]
     fn a_truncated_file_fails_open_or_recover() {
-        let dir = TempDir::new().unwrap();
-        let path = dir.path().join("pbft.redb");
-        let blocks = chain(300);
-        let ops: Vec<_> = blocks.into_iter().map(PersistOp::Block).collect();
-        RedbStore::open(&path).unwrap().persist(&ops).unwrap();
-        let len = std::fs::metadata(&path).unwrap().len();
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_len(len / 2)
-            .unwrap();
-        let result = RedbStore::open(&path).and_then(|db| db.recover());
-        let err = result.expect_err("a truncated file must not open");
-        assert!(err.to_string().contains("pbft.redb"), "{err}");
+        // Wherever the cut falls, the replica is told its data is damaged, not a bare I/O
+        // error. (A cut that makes redb read past the end of a larger file, reported as
+        // corruption too, is what t10_cluster's damaged_database_refuses_to_start hits.)
+        for cut in 1..32 {
+            let dir = TempDir::new().unwrap();
+            let path = dir.path().join("pbft.redb");
+            let blocks = chain(300);
+            let ops: Vec<_> = blocks.into_iter().map(PersistOp::Block).collect();
+            RedbStore::open(&path).unwrap().persist(&ops).unwrap();
+            let len = std::fs::metadata(&path).unwrap().len();
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_len(len * cut / 32)
+                .unwrap();
+            let result = RedbStore::open(&path).and_then(|db| db.recover());
+            let err = result.expect_err("a truncated file must not open");
+            assert!(err.to_string().contains("pbft.redb"), "{err}");
+            assert!(
+                matches!(err, StorageError::Corrupt(_)),
+                "cut at {cut}/32: {err}"
+            );
+        }
     }
 
     #[test]
@@ -1210,5 +1547,126 @@ mod tests {
         ])
         .unwrap();
         assert!(db.recover().unwrap().accepted.is_empty());
+    }
+
+    /// The keys of `batches`, as (seq, digest).
+    fn stored_batches(db: &RedbStore) -> Vec<(Seq, Digest)> {
+        let txn = db.reader.db.begin_read().unwrap();
+        let t = txn.open_table(BATCHES.def).unwrap();
+        t.iter()
+            .unwrap()
+            .map(|e| parse_batch_key(e.unwrap().0.value()).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_is_written_once_for_its_pre_prepare_certificate_and_block() {
+        let dir = TempDir::new().unwrap();
+        let mut db = open(&dir);
+        let b = chain(1).remove(0);
+        let pp = pre_prepare(0, 1);
+        assert_eq!(pp.body.digest, b.batch.digest());
+        db.persist(&[PersistOp::Accepted(pp.clone())]).unwrap();
+        db.persist(&[
+            PersistOp::Prepared(proof(0, 1)),
+            PersistOp::Block(b.clone()),
+        ])
+        .unwrap();
+        assert_eq!(stored_batches(&db), vec![(1, b.batch.digest())]);
+        // Each record is stored with an empty batch and the batch's digest.
+        let digest = Some(b.batch.digest());
+        let (a, d) =
+            decode_shallow::<Signed<PrePrepare>>("accepted", 1, &raw_seq(&db, ACCEPTED, 1))
+                .unwrap();
+        assert!(a.batch().is_empty() && d == digest);
+        let (p, d) =
+            decode_shallow::<PreparedProof>("prepared", 1, &raw_seq(&db, PREPARED, 1)).unwrap();
+        assert!(p.batch().is_empty() && d == digest);
+        let (k, d) = decode_shallow::<Block>("blocks", 1, &raw_seq(&db, BLOCKS, 1)).unwrap();
+        assert!(k.batch().is_empty() && d == digest);
+        // Pruning the log keeps the batch: the ledger still refers to it.
+        db.persist(&[PersistOp::Prune { upto: 1 }]).unwrap();
+        assert_eq!(stored_batches(&db), vec![(1, b.batch.digest())]);
+        assert_eq!(db.blocks_from(1, 1).unwrap(), vec![b]);
+        db.verify().unwrap();
+    }
+
+    #[test]
+    fn a_batch_nothing_refers_to_any_more_is_dropped() {
+        let dir = TempDir::new().unwrap();
+        let mut db = open(&dir);
+        let (odd, even) = (pre_prepare(1, 4), pre_prepare(2, 4));
+        assert_ne!(odd.body.digest, even.body.digest);
+        db.persist(&[PersistOp::Accepted(odd.clone())]).unwrap();
+        db.persist(&[PersistOp::Prepared(proof(1, 4))]).unwrap();
+        // A later view's pre-prepare replaces the accepted one; the certificate still
+        // needs the first batch.
+        db.persist(&[PersistOp::Accepted(even.clone())]).unwrap();
+        let both = vec![(4, odd.body.digest), (4, even.body.digest)];
+        let mut stored = stored_batches(&db);
+        stored.sort();
+        let mut expected = both.clone();
+        expected.sort();
+        assert_eq!(stored, expected);
+        // The new view's certificate replaces the old one: the first batch is unused now.
+        db.persist(&[PersistOp::Prepared(proof(2, 4))]).unwrap();
+        assert_eq!(stored_batches(&db), vec![(4, even.body.digest)]);
+        db.verify().unwrap();
+        db.persist(&[PersistOp::Prune { upto: 4 }]).unwrap();
+        assert_eq!(stored_batches(&db), vec![]);
+        db.verify().unwrap();
+    }
+
+    #[test]
+    fn a_missing_or_unused_batch_is_reported() {
+        let dir = TempDir::new().unwrap();
+        let db = store_with_history(&dir);
+        db.verify().unwrap();
+        let (seq, digest) = stored_batches(&db)[0];
+        let key = Key::Batch(seq, digest).bytes();
+        let txn = db.reader.db.begin_write().unwrap();
+        let value = {
+            let mut t = txn.open_table(BATCHES.def).unwrap();
+            t.remove(key.as_slice()).unwrap().unwrap().value().to_vec()
+        };
+        txn.commit().unwrap();
+        let msg = corrupt_message(db.verify());
+        assert!(msg.contains("is missing"), "{msg}");
+        // Put back under a sequence number nothing uses: now it is the one unreferenced.
+        let txn = db.reader.db.begin_write().unwrap();
+        {
+            let mut t = txn.open_table(BATCHES.def).unwrap();
+            let batch: Batch = decode(BATCHES.name, Key::Batch(seq, digest), &value).unwrap();
+            t.insert(key.as_slice(), value.as_slice()).unwrap();
+            let stray = Key::Batch(999, batch.digest());
+            let v = frame(BATCHES.name, stray, &batch.to_bytes());
+            t.insert(stray.bytes().as_slice(), v.as_slice()).unwrap();
+        }
+        txn.commit().unwrap();
+        let msg = corrupt_message(db.verify());
+        assert!(msg.contains("no record refers"), "{msg}");
+    }
+
+    #[test]
+    fn records_stored_with_their_batch_inline_still_read_and_prune() {
+        let dir = TempDir::new().unwrap();
+        let mut db = open(&dir);
+        let pp = pre_prepare(0, 3);
+        // As a store from before batches were kept apart wrote it.
+        let txn = db.reader.db.begin_write().unwrap();
+        {
+            let mut t = txn.open_table(ACCEPTED.def).unwrap();
+            let v = frame(ACCEPTED.name, Key::Seq(3), &pp.to_bytes());
+            t.insert(3, v.as_slice()).unwrap();
+        }
+        txn.commit().unwrap();
+        assert_eq!(db.recover().unwrap().accepted, vec![pp.clone()]);
+        db.persist(&[PersistOp::Prepared(proof(0, 3))]).unwrap();
+        assert_eq!(db.recover().unwrap().prepared, vec![proof(0, 3)]);
+        db.verify().unwrap();
+        db.persist(&[PersistOp::Prune { upto: 3 }]).unwrap();
+        assert_eq!(stored_batches(&db), vec![]);
+        let r = db.recover().unwrap();
+        assert!(r.accepted.is_empty() && r.prepared.is_empty());
     }
 }
