@@ -4,12 +4,13 @@
 //! shipped implementation is ed25519 ([`Ed25519Signer`], [`KeyRing`]); keys are handed in, never
 //! generated from OS randomness here, so the simulator can derive them from its seed.
 //!
-//! Replica messages are checked with `verify_strict`. Client requests, the one signature
-//! per request every replica must check, are checked under the ZIP215 rules
+//! Every signature, a client's or a replica's, is checked under the ZIP215 rules
 //! (ed25519-zebra, as CometBFT's ed25519consensus does) because only there batch and single
-//! verification agree on every input: replicas that happen to batch different requests
-//! together still reach the same verdict on each one, so a client cannot craft a request
-//! that some correct replicas accept and others refuse.
+//! verification agree on every input: replicas that happen to batch different messages
+//! together still reach the same verdict on each one, so no signer can craft a message
+//! that some correct replicas accept and others refuse, and a certificate valid for one
+//! replica is valid for all. Small-order ("weak") keys are refused when registered: ZIP215
+//! would let their holder's signatures verify for messages it never signed.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -50,12 +51,28 @@ pub trait Verifier: Send + Sync {
             .map(|i| self.verify_client(i.client, i.msg, i.sig))
             .collect()
     }
+    /// Checks many replica signatures at once: element `i` of the answer is exactly what
+    /// `verify_replica` says of `items[i]`, however the items are grouped.
+    fn verify_replicas(&self, items: &[ReplicaSig<'_>]) -> Vec<bool> {
+        items
+            .iter()
+            .map(|i| self.verify_replica(i.replica, i.msg, i.sig))
+            .collect()
+    }
 }
 
 /// One client signature to check: who claims to have signed, the bytes, the signature.
 #[derive(Clone, Copy, Debug)]
 pub struct ClientSig<'a> {
     pub client: ClientId,
+    pub msg: &'a [u8],
+    pub sig: &'a Signature,
+}
+
+/// One replica signature to check: who claims to have signed, the bytes, the signature.
+#[derive(Clone, Copy, Debug)]
+pub struct ReplicaSig<'a> {
+    pub replica: ReplicaId,
     pub msg: &'a [u8],
     pub sig: &'a Signature,
 }
@@ -93,18 +110,46 @@ pub struct PublicKey(pub [u8; 32]);
 /// The public keys of every replica and registered client.
 #[derive(Clone, Default)]
 pub struct KeyRing {
-    replicas: Vec<Option<VerifyingKey>>,
-    clients: BTreeMap<ClientId, ClientKey>,
+    replicas: Vec<ParsedKey>,
+    clients: BTreeMap<ClientId, ParsedKey>,
 }
 
-/// A registered client's key, parsed once for ZIP215 verification: the batch equation
-/// uses the decompressed point directly, so no batch pays for decompressing it again
+/// A public key parsed once for ZIP215 verification: the batch equation uses the
+/// decompressed point directly, so no batch pays for decompressing it again
 /// (ed25519-zebra's batch API takes key bytes and did, about 4 % of a loaded cluster's CPU).
 #[derive(Clone)]
-struct ClientKey {
+struct ParsedKey {
     key: ed25519_zebra::VerificationKey,
     bytes: [u8; 32],
     point: EdwardsPoint,
+}
+
+impl ParsedKey {
+    /// The key, unless it is not a point or has small order.
+    fn parse(bytes: [u8; 32]) -> Option<Self> {
+        let dalek = VerifyingKey::from_bytes(&bytes).ok()?;
+        if dalek.is_weak() {
+            return None;
+        }
+        let key = ed25519_zebra::VerificationKey::try_from(bytes).ok()?;
+        // ZIP215 decoding, exactly as ed25519-zebra decodes A (non-canonical y accepted).
+        let point = CompressedEdwardsY(bytes).decompress()?;
+        Some(ParsedKey { key, bytes, point })
+    }
+
+    fn verify(&self, msg: &[u8], sig: &Signature) -> bool {
+        self.key
+            .verify(&ed25519_zebra::Signature::from_bytes(&sig.0), msg)
+            .is_ok()
+    }
+}
+
+/// One signature with the key it must verify under.
+#[derive(Clone, Copy)]
+struct Item<'a> {
+    key: &'a ParsedKey,
+    msg: &'a [u8],
+    sig: &'a Signature,
 }
 
 /// Below this many signatures a batch saves too little to pay for its set-up.
@@ -116,16 +161,12 @@ const MIN_BATCH: usize = 4;
 pub struct InvalidKey(pub String);
 
 impl KeyRing {
-    /// Key ring for replicas `0..keys.len()`.
+    /// Key ring for replicas `0..keys.len()`. Small-order keys are refused.
     pub fn new(replica_keys: &[PublicKey]) -> Result<Self, InvalidKey> {
         let replicas = replica_keys
             .iter()
             .enumerate()
-            .map(|(i, k)| {
-                VerifyingKey::from_bytes(&k.0)
-                    .map(Some)
-                    .map_err(|_| InvalidKey(format!("replica {i}")))
-            })
+            .map(|(i, k)| ParsedKey::parse(k.0).ok_or_else(|| InvalidKey(format!("replica {i}"))))
             .collect::<Result<_, _>>()?;
         Ok(KeyRing {
             replicas,
@@ -133,25 +174,10 @@ impl KeyRing {
         })
     }
 
-    /// Registers (or replaces) a client's key. Small-order ("weak") keys are refused: ZIP215
-    /// would let their holder's signatures verify for messages it never signed.
+    /// Registers (or replaces) a client's key. Small-order keys are refused.
     pub fn add_client(&mut self, id: ClientId, key: PublicKey) -> Result<(), InvalidKey> {
-        let invalid = || InvalidKey(id.to_string());
-        let dalek = VerifyingKey::from_bytes(&key.0).map_err(|_| invalid())?;
-        if dalek.is_weak() {
-            return Err(invalid());
-        }
-        let zebra = ed25519_zebra::VerificationKey::try_from(key.0).map_err(|_| invalid())?;
-        // ZIP215 decoding, exactly as ed25519-zebra decodes A (non-canonical y accepted).
-        let point = CompressedEdwardsY(key.0).decompress().ok_or_else(invalid)?;
-        self.clients.insert(
-            id,
-            ClientKey {
-                key: zebra,
-                bytes: key.0,
-                point,
-            },
-        );
+        let parsed = ParsedKey::parse(key.0).ok_or_else(|| InvalidKey(id.to_string()))?;
+        self.clients.insert(id, parsed);
         Ok(())
     }
 
@@ -160,59 +186,66 @@ impl KeyRing {
     }
 }
 
-fn verify(key: &VerifyingKey, msg: &[u8], sig: &Signature) -> bool {
-    let sig = ed25519_dalek::Signature::from_bytes(&sig.0);
-    key.verify_strict(msg, &sig).is_ok()
-}
-
 impl Verifier for KeyRing {
     fn verify_replica(&self, who: ReplicaId, msg: &[u8], sig: &Signature) -> bool {
-        match self.replicas.get(who.0 as usize) {
-            Some(Some(key)) => verify(key, msg, sig),
-            _ => false,
-        }
+        self.replicas
+            .get(who.0 as usize)
+            .is_some_and(|k| k.verify(msg, sig))
     }
 
     fn verify_client(&self, who: ClientId, msg: &[u8], sig: &Signature) -> bool {
-        self.clients.get(&who).is_some_and(|c| {
-            c.key
-                .verify(&ed25519_zebra::Signature::from_bytes(&sig.0), msg)
-                .is_ok()
-        })
+        self.clients.get(&who).is_some_and(|k| k.verify(msg, sig))
     }
 
     fn knows_client(&self, who: ClientId) -> bool {
         self.clients.contains_key(&who)
     }
 
-    /// One batch equation for all registered signers; if it fails, each signature on its
-    /// own, so one bad request costs its batch a second pass but never the good ones.
     fn verify_clients(&self, items: &[ClientSig<'_>]) -> Vec<bool> {
-        let mut verdicts = vec![false; items.len()];
-        let known: Vec<(usize, &ClientKey)> = items
+        let items: Vec<Option<Item<'_>>> = items
             .iter()
-            .enumerate()
-            .filter_map(|(i, it)| self.clients.get(&it.client).map(|c| (i, c)))
+            .map(|it| {
+                self.clients.get(&it.client).map(|key| Item {
+                    key,
+                    msg: it.msg,
+                    sig: it.sig,
+                })
+            })
             .collect();
-        if known.len() >= MIN_BATCH && batch_holds(items, &known) {
-            for (i, _) in known {
-                verdicts[i] = true;
-            }
-            return verdicts;
-        }
-        for (i, c) in known {
-            let it = &items[i];
-            verdicts[i] = c
-                .key
-                .verify(&ed25519_zebra::Signature::from_bytes(&it.sig.0), it.msg)
-                .is_ok();
-        }
-        verdicts
+        verify_batch(&items)
+    }
+
+    fn verify_replicas(&self, items: &[ReplicaSig<'_>]) -> Vec<bool> {
+        let items: Vec<Option<Item<'_>>> = items
+            .iter()
+            .map(|it| {
+                self.replicas.get(it.replica.0 as usize).map(|key| Item {
+                    key,
+                    msg: it.msg,
+                    sig: it.sig,
+                })
+            })
+            .collect();
+        verify_batch(&items)
     }
 }
 
-/// Whether the ZIP215 batch equation holds for `known` (indices into `items`, with the
-/// signer's key): true exactly when every one of those signatures verifies on its own.
+/// Verdicts for `items` (`None`: an unknown signer, never valid): one batch equation for
+/// all known signers; if it fails, each signature on its own, so one bad signature costs
+/// its batch a second pass but never the good ones.
+fn verify_batch(items: &[Option<Item<'_>>]) -> Vec<bool> {
+    let known: Vec<Item<'_>> = items.iter().flatten().copied().collect();
+    if known.len() >= MIN_BATCH && batch_holds(&known) {
+        return items.iter().map(Option::is_some).collect();
+    }
+    items
+        .iter()
+        .map(|it| it.is_some_and(|it| it.key.verify(it.msg, it.sig)))
+        .collect()
+}
+
+/// Whether the ZIP215 batch equation holds for `items`: true exactly when every one of
+/// those signatures verifies on its own.
 ///
 /// The equation is ed25519-zebra's (ZIP215):
 /// `8·[-Σ z_i·s_i]B + 8·Σ [z_i]R_i + 8·Σ [z_i·k_i]A_i = 0` with `k_i = H(R_i ‖ A_i ‖ M_i)`,
@@ -220,16 +253,15 @@ impl Verifier for KeyRing {
 /// coalesced into one coefficient. It differs only in taking `A_i` already decompressed.
 /// `tests::own_batch_equation_agrees_with_ed25519_zebra` holds the two side by side.
 #[allow(non_snake_case)]
-fn batch_holds(items: &[ClientSig<'_>], known: &[(usize, &ClientKey)]) -> bool {
+fn batch_holds(items: &[Item<'_>]) -> bool {
     use sha2::Digest as _;
     let mut rng = TranscriptRng::new(items);
     let mut B_coeff = Scalar::ZERO;
-    let mut coeffs: Vec<Scalar> = Vec::with_capacity(known.len() * 2 + 1);
-    let mut points: Vec<EdwardsPoint> = Vec::with_capacity(known.len() * 2 + 1);
+    let mut coeffs: Vec<Scalar> = Vec::with_capacity(items.len() * 2 + 1);
+    let mut points: Vec<EdwardsPoint> = Vec::with_capacity(items.len() * 2 + 1);
     // Where each signer's coalesced A coefficient sits in `coeffs`.
-    let mut signer_at: HashMap<[u8; 32], usize> = HashMap::with_capacity(known.len());
-    for (i, c) in known {
-        let it = &items[*i];
+    let mut signer_at: HashMap<[u8; 32], usize> = HashMap::with_capacity(items.len());
+    for it in items {
         let (r_bytes, s_bytes) = it.sig.0.split_at(32);
         let (Ok(r_bytes), Ok(s_bytes)) =
             (<[u8; 32]>::try_from(r_bytes), <[u8; 32]>::try_from(s_bytes))
@@ -245,16 +277,16 @@ fn batch_holds(items: &[ClientSig<'_>], known: &[(usize, &ClientKey)]) -> bool {
         let k = Scalar::from_hash(
             sha2::Sha512::new()
                 .chain_update(r_bytes)
-                .chain_update(c.bytes)
+                .chain_update(it.key.bytes)
                 .chain_update(it.msg),
         );
         let z = Scalar::from(rng.next_u128());
         B_coeff -= z * s;
         coeffs.push(z);
         points.push(R);
-        let at = *signer_at.entry(c.bytes).or_insert_with(|| {
+        let at = *signer_at.entry(it.key.bytes).or_insert_with(|| {
             coeffs.push(Scalar::ZERO);
-            points.push(c.point);
+            points.push(it.key.point);
             coeffs.len() - 1
         });
         coeffs[at] += z * k;
@@ -278,12 +310,12 @@ struct TranscriptRng {
 }
 
 impl TranscriptRng {
-    fn new(items: &[ClientSig<'_>]) -> Self {
+    fn new(items: &[Item<'_>]) -> Self {
         use sha2::Digest as _;
         let mut h = sha2::Sha512::new();
-        h.update(b"pbft client batch v1");
+        h.update(b"pbft signature batch v2");
         for it in items {
-            h.update(it.client.0.to_le_bytes());
+            h.update(it.key.bytes);
             h.update((it.msg.len() as u64).to_le_bytes());
             h.update(it.msg);
             h.update(it.sig.0);
@@ -353,6 +385,57 @@ mod tests {
         assert!(!ring.knows_client(ClientId(1)));
     }
 
+    #[test]
+    fn small_order_replica_keys_are_refused() {
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        let good = Ed25519Signer::from_secret([5; 32]).public();
+        let err = KeyRing::new(&[good, PublicKey(identity)]).err().unwrap();
+        assert_eq!(err.0, "replica 1");
+    }
+
+    /// Replica signatures checked together get exactly their single verdicts: good ones,
+    /// broken ones, another replica's signature, and an author outside the ring.
+    #[test]
+    fn replica_batches_agree_with_single_checks() {
+        let keys: Vec<Ed25519Signer> = (0..4u8)
+            .map(|i| Ed25519Signer::from_secret([60 + i; 32]))
+            .collect();
+        let ring = KeyRing::new(&keys.iter().map(|k| k.public()).collect::<Vec<_>>()).unwrap();
+        for bad in [vec![], vec![1], vec![0, 5], vec![6], (0..8).collect()] {
+            let mut items = Vec::new();
+            for i in 0..8usize {
+                let who = i % 4;
+                let msg = format!("vote {i}").into_bytes();
+                let mut sig = keys[who].sign(&msg);
+                let mut author = ReplicaId(who as u32);
+                if bad.contains(&i) {
+                    match i % 3 {
+                        0 => sig.0[3] ^= 1,
+                        1 => author = ReplicaId(((who + 1) % 4) as u32),
+                        _ => author = ReplicaId(9),
+                    }
+                }
+                items.push((author, msg, sig));
+            }
+            let sigs: Vec<ReplicaSig<'_>> = items
+                .iter()
+                .map(|(replica, msg, sig)| ReplicaSig {
+                    replica: *replica,
+                    msg,
+                    sig,
+                })
+                .collect();
+            let single: Vec<bool> = items
+                .iter()
+                .map(|(a, m, s)| ring.verify_replica(*a, m, s))
+                .collect();
+            let expect: Vec<bool> = (0..8).map(|i| !bad.contains(&i)).collect();
+            assert_eq!(ring.verify_replicas(&sigs), single, "bad items {bad:?}");
+            assert_eq!(single, expect, "bad items {bad:?}");
+        }
+    }
+
     /// Ten clients; `bad` lists the items whose signature is broken in some way.
     fn mixed_batch(bad: &[usize]) -> (KeyRing, Vec<(ClientId, Vec<u8>, Signature)>) {
         let mut ring = KeyRing::new(&[]).unwrap();
@@ -385,15 +468,18 @@ mod tests {
             .collect()
     }
 
-    /// Each item's index with its signer's key (every signer registered).
+    /// Each item with its signer's key (every signer registered).
     fn known_keys<'a>(
         ring: &'a KeyRing,
-        items: &[(ClientId, Vec<u8>, Signature)],
-    ) -> Vec<(usize, &'a ClientKey)> {
+        items: &'a [(ClientId, Vec<u8>, Signature)],
+    ) -> Vec<Item<'a>> {
         items
             .iter()
-            .enumerate()
-            .map(|(i, (c, _, _))| (i, &ring.clients[c]))
+            .map(|(c, msg, sig)| Item {
+                key: &ring.clients[c],
+                msg,
+                sig,
+            })
             .collect()
     }
 
@@ -425,9 +511,8 @@ mod tests {
         // Not only the per-signature fallback: a valid batch passes in one equation.
         for (bad, holds) in [(vec![], true), (vec![6], false), (vec![1, 8], false)] {
             let (ring, items) = mixed_batch(&bad);
-            let sigs = client_sigs(&items);
             let known = known_keys(&ring, &items);
-            assert_eq!(batch_holds(&sigs, &known), holds, "bad items {bad:?}");
+            assert_eq!(batch_holds(&known), holds, "bad items {bad:?}");
         }
     }
 
@@ -480,9 +565,8 @@ mod tests {
                 }
                 items.push((ClientId(who as u64), msg, sig));
             }
-            let sigs = client_sigs(&items);
             let known = known_keys(&ring, &items);
-            let ours = batch_holds(&sigs, &known);
+            let ours = batch_holds(&known);
             let mut zebra = ed25519_zebra::batch::Verifier::new();
             for (c, m, s) in &items {
                 zebra.queue((
@@ -492,7 +576,7 @@ mod tests {
                 ));
             }
             let theirs = zebra
-                .verify(TranscriptRngCompat(TranscriptRng::new(&sigs)))
+                .verify(TranscriptRngCompat(TranscriptRng::new(&known)))
                 .is_ok();
             let singles = items.iter().all(|(c, m, s)| ring.verify_client(*c, m, s));
             assert_eq!(ours, theirs, "round {round}");

@@ -37,7 +37,7 @@ pub use client::{ClientCore, ClientError, Completed};
 #[cfg(feature = "mutations")]
 pub use config::Mutation;
 pub use config::{Config, ConfigError};
-pub use crypto::{ClientSig, Ed25519Signer, KeyRing, PublicKey, Signer, Verifier};
+pub use crypto::{ClientSig, Ed25519Signer, KeyRing, PublicKey, ReplicaSig, Signer, Verifier};
 pub use kv::{KvStore, Snapshot};
 pub use message::{
     Checkpoint, Commit, Message, NewView, PrePrepare, Prepare, PreparedProof, Signed,

@@ -288,6 +288,24 @@ pub enum Message {
 }
 
 impl Message {
+    /// The author, signed bytes and signature of a message a replica signed (not a
+    /// request or a sync message).
+    pub(crate) fn signed_by(&self, n: usize) -> Option<(ReplicaId, Vec<u8>, Signature)> {
+        fn parts<T: Signable>(m: &Signed<T>, n: usize) -> Option<(ReplicaId, Vec<u8>, Signature)> {
+            Some((m.author(n), m.body.signing_bytes(), m.signature))
+        }
+        match self {
+            Message::PrePrepare(m) => parts(m, n),
+            Message::Prepare(m) => parts(m, n),
+            Message::Commit(m) => parts(m, n),
+            Message::Checkpoint(m) => parts(m, n),
+            Message::ViewChange(m) => parts(m, n),
+            Message::NewView(m) => parts(m, n),
+            Message::StatusAnnouncement(m) => parts(m, n),
+            Message::Request(_) | Message::SyncRequest(_) | Message::SyncResponse(_) => None,
+        }
+    }
+
     /// Short name for logs and metrics labels.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -20,6 +20,9 @@ pub enum Source {
 pub enum Input {
     /// A message arrived.
     Receive { from: Source, msg: Message },
+    /// Several messages that arrived together, in order; their authors' signatures are
+    /// checked in one batch. Same effect as one `Receive` input for each.
+    ReceiveMany(Vec<(Source, Message)>),
     /// A client submitted a request directly to this replica.
     Request(Request),
     /// Several client requests that arrived together, in order; their signatures are

@@ -98,6 +98,13 @@ pub struct Node {
 
 const INBOUND_CAPACITY: usize = 65_536;
 
+/// Inputs collected in one turn of the node loop; at most one of the two holds anything.
+#[derive(Default)]
+struct Pending {
+    submitted: Vec<Request>,
+    received: Vec<(Source, Message)>,
+}
+
 impl Node {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
@@ -177,16 +184,16 @@ impl Node {
             match self.rx.recv_timeout(wait) {
                 Ok(input) => {
                     // Drain what is already queued so one fsync covers many inputs, and
-                    // client requests that arrived together share one signature batch.
-                    let mut submitted = Vec::new();
-                    self.accept(input, &mut submitted);
+                    // requests or messages that arrived together share one signature batch.
+                    let mut pending = Pending::default();
+                    self.accept(input, &mut pending);
                     for _ in 0..4096 {
                         match self.rx.try_recv() {
-                            Ok(input) => self.accept(input, &mut submitted),
+                            Ok(input) => self.accept(input, &mut pending),
                             Err(_) => break,
                         }
                     }
-                    self.hand_over(&mut submitted);
+                    self.hand_over(&mut pending);
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
@@ -225,20 +232,25 @@ impl Node {
         Ok(())
     }
 
-    /// Takes one input. Client requests are collected in `submitted` and handed over
-    /// together (see `hand_over`); a message first hands over what came before it, so the
-    /// core sees inputs in arrival order.
-    fn accept(&mut self, input: Inbound, submitted: &mut Vec<Request>) {
+    /// Takes one input. Client requests and peer messages are collected in `pending` and
+    /// handed over in runs of one kind (see `hand_over`), so the core sees inputs in
+    /// arrival order.
+    fn accept(&mut self, input: Inbound, pending: &mut Pending) {
         match input {
             Inbound::Message { from, msg } => {
-                self.hand_over(submitted);
-                self.replica.handle(Input::Receive { from, msg });
+                if !pending.submitted.is_empty() {
+                    self.hand_over(pending);
+                }
+                pending.received.push((from, msg));
             }
             Inbound::Submit {
                 request,
                 reply,
                 route,
             } => {
+                if !pending.received.is_empty() {
+                    self.hand_over(pending);
+                }
                 self.metrics
                     .requests
                     .with_label_values(&["submitted"])
@@ -256,17 +268,28 @@ impl Node {
                         since: Instant::now(),
                     });
                 drop(replies);
-                submitted.push(request);
+                pending.submitted.push(request);
             }
         }
     }
 
-    /// Gives the collected client requests to the core in one input, so their signatures
-    /// are checked in one batch equation.
-    fn hand_over(&mut self, submitted: &mut Vec<Request>) {
-        if !submitted.is_empty() {
+    /// Gives what `pending` collected to the core, one input per kind, so the signatures
+    /// of the requests, or of the messages, are checked in one batch equation.
+    fn hand_over(&mut self, pending: &mut Pending) {
+        if !pending.submitted.is_empty() {
             self.replica
-                .handle(Input::Requests(std::mem::take(submitted)));
+                .handle(Input::Requests(std::mem::take(&mut pending.submitted)));
+        }
+        match pending.received.len() {
+            0 => {}
+            1 => {
+                if let Some((from, msg)) = pending.received.pop() {
+                    self.replica.handle(Input::Receive { from, msg });
+                }
+            }
+            _ => self
+                .replica
+                .handle(Input::ReceiveMany(std::mem::take(&mut pending.received))),
         }
     }
 

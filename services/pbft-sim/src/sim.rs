@@ -389,9 +389,27 @@ impl Sim {
     /// One virtual millisecond.
     fn step(&mut self) -> Result<(), Violation> {
         self.apply_crashes()?;
+        // Protocol messages due at a replica this millisecond reach it together, as the
+        // node loop hands over what queued up in one turn: their signatures are checked in
+        // one batch (`Input::ReceiveMany`), which forged signatures must not get through.
+        let mut held: Vec<Vec<(Source, Message)>> = vec![Vec::new(); self.replicas.len()];
         while self.queue.peek().is_some_and(|m| m.0.at <= self.now) {
             let Reverse(m) = self.queue.pop().expect("peeked");
-            self.deliver(m)?;
+            self.deliver(m, &mut held)?;
+        }
+        for (r, mut msgs) in held.into_iter().enumerate() {
+            let input = match msgs.len() {
+                0 => continue,
+                1 => {
+                    let (from, msg) = msgs.remove(0);
+                    Input::Receive { from, msg }
+                }
+                _ => Input::ReceiveMany(msgs),
+            };
+            if let Some(core) = self.replicas[r].core.as_mut() {
+                core.handle(input);
+            }
+            self.flush(r)?;
         }
         for r in 0..self.replicas.len() {
             if self.is_silent(r) {
@@ -450,7 +468,13 @@ impl Sim {
         Ok(())
     }
 
-    fn deliver(&mut self, m: InFlight) -> Result<(), Violation> {
+    /// Delivers `m`; a protocol message for a replica goes to `held` instead, to reach it
+    /// with the others due this millisecond.
+    fn deliver(
+        &mut self,
+        m: InFlight,
+        held: &mut [Vec<(Source, Message)>],
+    ) -> Result<(), Violation> {
         match m.to {
             Addr::Client(c) => {
                 if let (Payload::Reply(reply), Addr::Replica(from)) = (m.payload, m.from) {
@@ -482,7 +506,8 @@ impl Sim {
                                 }
                             }
                         }
-                        Input::Receive { from, msg }
+                        held[r].push((from, msg));
+                        return Ok(());
                     }
                     Payload::Submit(req) => {
                         if let Some(adv) = self.replicas[r].adversary.as_ref() {

@@ -16,19 +16,19 @@ mod retransmit;
 mod sync;
 mod view_change;
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 use crate::block::CheckpointCert;
 use crate::config::Config;
-use crate::crypto::{Signer, Verifier};
+use crate::crypto::{ReplicaSig, Signer, Verifier};
 use crate::kv::{KvStore, Snapshot};
 use crate::message::{Message, NewView, PreparedProof, Signable, Signed, ViewChange, primary};
 use crate::output::{Envelope, Event, Input, Output, Source, Target};
 use crate::reject::{RejectCounts, RejectReason};
 use crate::request::Request;
 use crate::storage::{PersistOp, Recovered};
-use crate::types::{ClientId, Digest, ReplicaId, Seq, Tick, View};
+use crate::types::{ClientId, Digest, ReplicaId, Seq, Signature, Tick, View};
 use crate::{Error, Result};
 
 use self::log::Slot;
@@ -123,6 +123,10 @@ pub struct Replica {
     last_status: Tick,
 
     rejected: RejectCounts,
+    /// Verdicts on the signatures of the messages of one `ReceiveMany` input, checked in
+    /// one batch before they are handled: (author, signature) -> (signed bytes, verdict).
+    /// Empty between inputs.
+    batch_verdicts: HashMap<(ReplicaId, Signature), (Vec<u8>, bool)>,
     out: Output,
 }
 
@@ -190,6 +194,7 @@ impl Replica {
             latest_checkpoint_vote: None,
             last_status: 0,
             rejected: RejectCounts::default(),
+            batch_verdicts: HashMap::new(),
             out: Output::default(),
             cfg,
         };
@@ -253,7 +258,35 @@ impl Replica {
             Input::Request(req) => self.on_request(req, Source::Client),
             Input::Requests(reqs) => self.on_requests(reqs, Source::Client),
             Input::Receive { from, msg } => self.on_message(from, msg),
+            Input::ReceiveMany(msgs) => self.on_messages(msgs),
         }
+    }
+
+    /// Messages that arrived together: their authors' signatures in one batch check, then
+    /// each message in order as if alone. The verdicts are only a cache: a message not in
+    /// it, or whose signed bytes differ, is checked on its own as usual.
+    fn on_messages(&mut self, msgs: Vec<(Source, Message)>) {
+        let signed: Vec<(ReplicaId, Vec<u8>, Signature)> = msgs
+            .iter()
+            .filter_map(|(_, m)| m.signed_by(self.cfg.n))
+            .filter(|(author, _, _)| self.is_replica(*author))
+            .collect();
+        let items: Vec<ReplicaSig<'_>> = signed
+            .iter()
+            .map(|(replica, msg, sig)| ReplicaSig {
+                replica: *replica,
+                msg,
+                sig,
+            })
+            .collect();
+        let verdicts = self.verifier.verify_replicas(&items);
+        for ((author, bytes, sig), ok) in signed.into_iter().zip(verdicts) {
+            self.batch_verdicts.insert((author, sig), (bytes, ok));
+        }
+        for (from, msg) in msgs {
+            self.on_message(from, msg);
+        }
+        self.batch_verdicts.clear();
     }
 
     /// Everything decided since the last call. Persist `persist` before sending anything.
@@ -350,7 +383,20 @@ impl Replica {
     }
 
     fn verify<T: Signable>(&self, m: &Signed<T>) -> bool {
-        self.is_replica(m.author(self.cfg.n)) && m.verify(self.cfg.n, self.verifier.as_ref())
+        self.is_replica(m.author(self.cfg.n)) && self.signature_holds(m)
+    }
+
+    /// Whether `m`'s author signed it: from this input's batch verdicts if it was among
+    /// them, else checked now.
+    fn signature_holds<T: Signable>(&self, m: &Signed<T>) -> bool {
+        let author = m.author(self.cfg.n);
+        let bytes = m.body.signing_bytes();
+        if let Some((checked, ok)) = self.batch_verdicts.get(&(author, m.signature)) {
+            if *checked == bytes {
+                return *ok;
+            }
+        }
+        self.verifier.verify_replica(author, &bytes, &m.signature)
     }
 
     /// Like `verify`, but says why a message fails: an author outside the cluster, or a
@@ -359,7 +405,7 @@ impl Replica {
         if !self.is_replica(m.author(self.cfg.n)) {
             return Err(RejectReason::UnknownSender);
         }
-        if !m.verify(self.cfg.n, self.verifier.as_ref()) {
+        if !self.signature_holds(m) {
             return Err(RejectReason::BadSignature);
         }
         Ok(())
