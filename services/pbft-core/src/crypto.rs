@@ -77,6 +77,17 @@ pub struct ReplicaSig<'a> {
     pub sig: &'a Signature,
 }
 
+impl<'a> ReplicaSig<'a> {
+    /// Borrows an owned (author, signed bytes, signature) triple.
+    pub fn of((replica, msg, sig): &'a (ReplicaId, Vec<u8>, Signature)) -> Self {
+        ReplicaSig {
+            replica: *replica,
+            msg,
+            sig,
+        }
+    }
+}
+
 /// An ed25519 private key.
 pub struct Ed25519Signer {
     key: SigningKey,
@@ -418,14 +429,7 @@ mod tests {
                 }
                 items.push((author, msg, sig));
             }
-            let sigs: Vec<ReplicaSig<'_>> = items
-                .iter()
-                .map(|(replica, msg, sig)| ReplicaSig {
-                    replica: *replica,
-                    msg,
-                    sig,
-                })
-                .collect();
+            let sigs: Vec<ReplicaSig<'_>> = items.iter().map(ReplicaSig::of).collect();
             let single: Vec<bool> = items
                 .iter()
                 .map(|(a, m, s)| ring.verify_replica(*a, m, s))

@@ -271,14 +271,7 @@ impl Replica {
             .filter_map(|(_, m)| m.signed_by(self.cfg.n))
             .filter(|(author, _, _)| self.is_replica(*author))
             .collect();
-        let items: Vec<ReplicaSig<'_>> = signed
-            .iter()
-            .map(|(replica, msg, sig)| ReplicaSig {
-                replica: *replica,
-                msg,
-                sig,
-            })
-            .collect();
+        let items: Vec<ReplicaSig<'_>> = signed.iter().map(ReplicaSig::of).collect();
         let verdicts = self.verifier.verify_replicas(&items);
         for ((author, bytes, sig), ok) in signed.into_iter().zip(verdicts) {
             self.batch_verdicts.insert((author, sig), (bytes, ok));
