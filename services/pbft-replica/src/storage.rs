@@ -10,7 +10,7 @@
 //! committed state without a separate write-ahead log.
 //!
 //! Layout: one table per kind of state, keyed by sequence number (or a fixed name), values
-//! protobuf-encoded through [`crate::convert`]:
+//! protobuf-encoded through [`pbft_api::convert`]:
 //!
 //! | table         | key          | value                                           |
 //! |---------------|--------------|-------------------------------------------------|
@@ -21,7 +21,12 @@
 //! | `blocks`      | height       | `Block`; never pruned: it is the ledger         |
 //! | `batches`     | seq, digest  | `Batch` of the three above (see below)          |
 //! | `checkpoints` | seq          | `CheckpointCertificate`                         |
-//! | `snapshot`    | `"latest"`   | `StableCheckpoint`: the latest stable state     |
+//! | `snapshot`    | `"latest"`   | `StableCheckpoint`, in stores written before    |
+//! |               |              | snapshot files; read, never written now         |
+//!
+//! The newest stable checkpoint's state lives in a file of its own next to the database,
+//! written off the critical path; the certificate alone is in the transaction (see
+//! `storage/snapshot.rs`, which also says how recovery rebuilds a state the file lacks).
 //!
 //! Each batch is written once. Its accepted pre-prepare, prepared certificate and block
 //! all carry it, and storing it inside each wrote every request three times (two thirds
@@ -32,7 +37,8 @@
 //! pre-prepare only as part of the ledger.
 //!
 //! Integrity: every value is framed as `[version][checksum: 8][payload]`, the checksum being
-//! the first 8 bytes of SHA-256 over the table name, the key and the payload. A damaged value,
+//! XXH3-64 (format 1: the first 8 bytes of SHA-256) over the table name, the key and the
+//! payload; the snapshot file is framed the same way. A damaged value,
 //! or one that ended up under the wrong key, is reported as [`StorageError::Corrupt`] naming the
 //! table and key, never decoded into wrong data. Below that, the database is opened with redb's
 //! integrity check, which verifies every page checksum, so a truncated or overwritten file
@@ -52,6 +58,8 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinitio
 use sha2::{Digest as _, Sha256};
 
 use pbft_api::convert::Wire;
+
+mod snapshot;
 
 /// A table definition together with its name (redb only lends the name out for as long as the
 /// definition is borrowed, and errors and checksums need it).
@@ -132,9 +140,18 @@ const CACHE_BYTES: usize = 16 << 20;
 ///
 /// The one writer: the node loop owns it and calls [`Storage::persist`]. Readers for other
 /// threads (the sync server) come from [`RedbStore::reader`].
-#[derive(Debug)]
 pub struct RedbStore {
     reader: RedbReader,
+    /// Writes each new stable checkpoint's state off the critical path (see [`snapshot`]).
+    snapshots: snapshot::SnapshotWriter,
+}
+
+impl fmt::Debug for RedbStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedbStore")
+            .field("path", &self.reader.path)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A read-only handle on a [`RedbStore`]'s database, cheap to clone and safe to use from any
@@ -553,6 +570,7 @@ impl RedbStore {
                 db: Arc::new(db),
                 path: path.into(),
             },
+            snapshots: snapshot::SnapshotWriter::start(snapshot::path_for(path))?,
         };
         store.init().map_err(|e| match e {
             StorageError::Io(m) => StorageError::Io(format!("{context}: {m}")),
@@ -579,6 +597,12 @@ impl RedbStore {
     /// See [`RedbReader::verify`].
     pub fn verify(&self) -> Result<(), StorageError> {
         self.reader.verify()
+    }
+
+    /// Waits until the newest stable checkpoint's snapshot is written. Not needed for
+    /// safety (recovery rebuilds a missing one from blocks); dropping the store does it too.
+    pub fn flush_snapshots(&self) {
+        self.snapshots.flush();
     }
 
     /// Creates the tables of a new store, or checks that an existing file is one of ours.
@@ -630,14 +654,25 @@ impl RedbReader {
             Some(v) => decode_view(&v)?,
             None => (0, false),
         };
-        let snapshot = SNAPSHOT.open_read(&txn)?;
-        let checkpoint = get_named(&snapshot, LATEST_KEY)?
-            .map(|v| decode::<StableCheckpoint>(SNAPSHOT.name, Key::Name(LATEST_KEY), &v))
-            .transpose()?;
+        let batches = BATCHES.open_read(&txn)?;
+        let newest_cert = {
+            let table = CHECKPOINTS.open_read(&txn)?;
+            let last = table
+                .last()
+                .map_err(|e| db_error("reading table \"checkpoints\"", e))?;
+            last.map(|(k, v)| decode_at::<CheckpointCert>(CHECKPOINTS.name, k.value(), v.value()))
+                .transpose()?
+        };
+        let checkpoint =
+            snapshot::catch_up(self.newest_snapshot(&txn)?, newest_cert, |from, to| {
+                let table = BLOCKS.open_read(&txn)?;
+                read_range(&table, BLOCKS.name, from..=to, usize::MAX, |seq, v| {
+                    decode_record(&batches, BLOCKS.name, seq, v)
+                })
+            })?;
         let base = checkpoint.as_ref().map_or(0, |c| c.cert.seq);
 
         // Blocks above the checkpoint must run on from it without a gap: replay needs each one.
-        let batches = BATCHES.open_read(&txn)?;
         let mut blocks: Vec<Block> = Vec::new();
         if let Some(first) = base.checked_add(1) {
             let table = BLOCKS.open_read(&txn)?;
@@ -664,6 +699,24 @@ impl RedbReader {
             blocks,
             accepted: scan_records(&txn, &batches, ACCEPTED)?,
             prepared: scan_records(&txn, &batches, PREPARED)?,
+        })
+    }
+
+    /// The newest snapshot held: the snapshot file, or the table where stores before it
+    /// kept theirs.
+    fn newest_snapshot(
+        &self,
+        txn: &redb::ReadTransaction,
+    ) -> Result<Option<StableCheckpoint>, StorageError> {
+        let file = snapshot::read(&snapshot::path_for(&self.path))?;
+        let table = SNAPSHOT.open_read(txn)?;
+        let old = get_named(&table, LATEST_KEY)?
+            .map(|v| decode::<StableCheckpoint>(SNAPSHOT.name, Key::Name(LATEST_KEY), &v))
+            .transpose()?;
+        Ok(match (file, old) {
+            (Some(f), Some(o)) if o.cert.seq > f.cert.seq => Some(o),
+            (Some(f), _) => Some(f),
+            (None, o) => o,
         })
     }
 
@@ -727,10 +780,7 @@ impl RedbReader {
         if let Some(v) = get_named(&meta, VIEW_KEY)? {
             decode_view(&v)?;
         }
-        let snapshot = SNAPSHOT.open_read(&txn)?;
-        if let Some(v) = get_named(&snapshot, LATEST_KEY)? {
-            decode::<StableCheckpoint>(SNAPSHOT.name, Key::Name(LATEST_KEY), &v)?;
-        }
+        self.newest_snapshot(&txn)?;
         Ok(())
     }
 
@@ -804,6 +854,7 @@ impl Storage for RedbStore {
             .map_err(|e| db_error("starting a transaction", e))?;
         txn.set_durability(Durability::Immediate)
             .map_err(|e| db_error("setting durability", e))?;
+        let mut newest: Option<&StableCheckpoint> = None;
         {
             let mut accepted = ACCEPTED.open_write(&txn)?;
             let mut prepared = PREPARED.open_write(&txn)?;
@@ -811,7 +862,6 @@ impl Storage for RedbStore {
             let mut batches = BATCHES.open_write(&txn)?;
             let mut checkpoints = CHECKPOINTS.open_write(&txn)?;
             let mut meta = META.open_write(&txn)?;
-            let mut snapshot = SNAPSHOT.open_write(&txn)?;
             // Batches a replaced or pruned record kept apart: dropped at the end of the
             // transaction unless some record still refers to them.
             let mut released = BTreeSet::new();
@@ -860,15 +910,14 @@ impl Storage for RedbStore {
                         )?);
                     }
                     PersistOp::Checkpoint(stable) => {
+                        // The certificate now; the state after the commit, off the critical
+                        // path (see `snapshot`).
                         let seq = stable.cert.seq;
                         let v = frame(CHECKPOINTS.name, Key::Seq(seq), &stable.cert.to_bytes());
                         checkpoints
                             .insert(seq, v.as_slice())
                             .map_err(write_err(CHECKPOINTS.name))?;
-                        let v = frame(SNAPSHOT.name, Key::Name(LATEST_KEY), &stable.to_bytes());
-                        snapshot
-                            .insert(LATEST_KEY, v.as_slice())
-                            .map_err(write_err(SNAPSHOT.name))?;
+                        newest = Some(stable);
                     }
                     PersistOp::Prune { upto } => {
                         for (table, name) in [
@@ -913,7 +962,11 @@ impl Storage for RedbStore {
                 }
             }
         }
-        txn.commit().map_err(|e| db_error("committing", e))
+        txn.commit().map_err(|e| db_error("committing", e))?;
+        if let Some(stable) = newest {
+            self.snapshots.submit(stable.clone());
+        }
+        Ok(())
     }
 
     fn recover(&self) -> Result<Recovered, StorageError> {
@@ -1155,6 +1208,7 @@ mod tests {
         };
         let blocks = chain(60);
         let mut height = 0;
+        let mut last_checkpoint = 0;
         let mut out = Vec::new();
         for _ in 0..calls {
             let mut ops = Vec::new();
@@ -1170,8 +1224,10 @@ mod tests {
                         height += 1;
                         PersistOp::Block(blocks[height as usize - 1].clone())
                     }
-                    5 if height > 0 => {
-                        let s = rnd(height) + 1;
+                    // Stable checkpoints only move forward, as the core makes them.
+                    5 if height > last_checkpoint => {
+                        let s = last_checkpoint + 1 + rnd(height - last_checkpoint);
+                        last_checkpoint = s;
                         PersistOp::Checkpoint(stable(s, &blocks[s as usize - 1].hash()))
                     }
                     _ => PersistOp::Prune {
@@ -1186,6 +1242,9 @@ mod tests {
     }
 
     fn assert_same_answers(mem: &MemStore, db: &RedbStore, context: &str) {
+        // The test snapshots are not states the test blocks lead to, so recovery must find
+        // each one written rather than rebuild it (which the snapshot tests cover).
+        db.flush_snapshots();
         assert_eq!(
             db.recover().unwrap(),
             mem.recover().unwrap(),
@@ -1370,16 +1429,26 @@ mod tests {
             );
             assert!(db.verify().is_err());
         }
-        for (tab, key) in [(SNAPSHOT, LATEST_KEY), (META, VIEW_KEY)] {
-            let dir = TempDir::new().unwrap();
-            let db = store_with_history(&dir);
-            poke_named(&db, tab, key, |v| *v.last_mut().unwrap() ^= 1);
-            let m = corrupt_message(db.recover());
-            assert!(
-                m.contains(&format!("table {:?}, key {key:?}", tab.name)),
-                "{m}"
-            );
-        }
+        let dir = TempDir::new().unwrap();
+        let db = store_with_history(&dir);
+        poke_named(&db, META, VIEW_KEY, |v| *v.last_mut().unwrap() ^= 1);
+        let m = corrupt_message(db.recover());
+        assert!(m.contains("table \"meta\", key \"view\""), "{m}");
+        // The snapshot file is checked the same way.
+        let dir = TempDir::new().unwrap();
+        let db = store_with_history(&dir);
+        db.flush_snapshots();
+        let file = snapshot::path_for(db.path());
+        let mut bytes = std::fs::read(&file).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0x20;
+        std::fs::write(&file, bytes).unwrap();
+        let m = corrupt_message(db.recover());
+        assert!(
+            m.contains("table \"snapshot\"") && m.contains("checksum"),
+            "{m}"
+        );
+        assert!(db.verify().is_err());
     }
 
     #[test]
@@ -1668,5 +1737,89 @@ mod tests {
         assert_eq!(stored_batches(&db), vec![]);
         let r = db.recover().unwrap();
         assert!(r.accepted.is_empty() && r.prepared.is_empty());
+    }
+
+    /// The stable checkpoint at `seq` of `blocks` as a replica makes it: the state its
+    /// batches lead to from genesis, certified by the digest of that state and the head.
+    fn real_stable(blocks: &[Block], seq: Seq) -> StableCheckpoint {
+        let mut kv = pbft_core::KvStore::default();
+        for b in &blocks[..seq as usize] {
+            kv.execute(&b.batch);
+        }
+        let block_hash = blocks[seq as usize - 1].hash();
+        StableCheckpoint {
+            cert: CheckpointCert {
+                seq,
+                digest: pbft_core::checkpoint_digest(&kv.digest(), &block_hash),
+                signatures: Vec::new(),
+            },
+            snapshot: kv.snapshot(),
+            block_hash,
+        }
+    }
+
+    /// A store holding the blocks `1..=n` of `chain(n)`, and those blocks.
+    fn store_with_chain(dir: &TempDir, n: Seq) -> (RedbStore, Vec<Block>) {
+        let mut db = open(dir);
+        let blocks = chain(n);
+        let ops: Vec<_> = blocks.iter().cloned().map(PersistOp::Block).collect();
+        db.persist(&ops).unwrap();
+        (db, blocks)
+    }
+
+    #[test]
+    fn a_checkpoint_whose_snapshot_is_missing_or_older_is_rebuilt_from_blocks() {
+        let dir = TempDir::new().unwrap();
+        let (mut db, blocks) = store_with_chain(&dir, 12);
+        let (at5, at10) = (real_stable(&blocks, 5), real_stable(&blocks, 10));
+        db.persist(&[PersistOp::Checkpoint(at5.clone())]).unwrap();
+        db.persist(&[PersistOp::Checkpoint(at10.clone())]).unwrap();
+        db.flush_snapshots();
+        let file = snapshot::path_for(db.path());
+        let expect = |db: &RedbStore| {
+            let r = db.recover().unwrap();
+            assert_eq!(r.checkpoint, Some(at10.clone()));
+            assert_eq!(r.blocks, blocks[10..].to_vec());
+        };
+        expect(&db);
+        // A crash before the writer got to it: rebuilt from genesis.
+        std::fs::remove_file(&file).unwrap();
+        expect(&db);
+        // Or only an older snapshot written: rebuilt from there.
+        snapshot::write(&file, &at5).unwrap();
+        expect(&db);
+        // A store from before snapshot files keeps its snapshot in a table.
+        std::fs::remove_file(&file).unwrap();
+        let txn = db.reader.db.begin_write().unwrap();
+        {
+            let mut t = txn.open_table(SNAPSHOT.def).unwrap();
+            let v = frame(SNAPSHOT.name, Key::Name(LATEST_KEY), &at10.to_bytes());
+            t.insert(LATEST_KEY, v.as_slice()).unwrap();
+        }
+        txn.commit().unwrap();
+        expect(&db);
+        db.verify().unwrap();
+    }
+
+    #[test]
+    fn a_rebuilt_state_that_does_not_match_its_certificate_is_refused() {
+        let dir = TempDir::new().unwrap();
+        let (mut db, blocks) = store_with_chain(&dir, 12);
+        db.persist(&[PersistOp::Checkpoint(real_stable(&blocks, 5))])
+            .unwrap();
+        db.flush_snapshots();
+        let mut forged = real_stable(&blocks, 10);
+        forged.cert.digest = Digest([9; 32]);
+        db.persist(&[PersistOp::Checkpoint(forged)]).unwrap();
+        db.flush_snapshots();
+        snapshot::write(&snapshot::path_for(db.path()), &real_stable(&blocks, 5)).unwrap();
+        let m = corrupt_message(db.recover());
+        assert!(m.contains("does not match the certificate"), "{m}");
+        // A block missing on the way is named too.
+        let txn = db.reader.db.begin_write().unwrap();
+        txn.open_table(BLOCKS.def).unwrap().remove(7).unwrap();
+        txn.commit().unwrap();
+        let m = corrupt_message(db.recover());
+        assert!(m.contains("block 7"), "{m}");
     }
 }
