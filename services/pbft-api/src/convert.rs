@@ -767,7 +767,10 @@ impl Wire for StableCheckpoint {
                 "StableCheckpoint.certificate",
                 pb.certificate,
             )?)?,
-            snapshot: Snapshot::from_pb(required("StableCheckpoint.snapshot", pb.snapshot)?)?,
+            snapshot: std::sync::Arc::new(Snapshot::from_pb(required(
+                "StableCheckpoint.snapshot",
+                pb.snapshot,
+            )?)?),
             block_hash: digest("StableCheckpoint.block_hash", &pb.block_hash)?,
         })
     }
@@ -1180,7 +1183,7 @@ mod tests {
         check(snapshot.clone());
         check(StableCheckpoint {
             cert: c.cert(10),
-            snapshot,
+            snapshot: std::sync::Arc::new(snapshot),
             block_hash: Digest([5; 32]),
         });
     }

@@ -6,6 +6,7 @@
 //! it cannot have sent a prepare, commit or view change whose basis it later forgets.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use crate::block::{Block, CheckpointCert};
 use crate::kv::Snapshot;
@@ -34,7 +35,9 @@ pub enum PersistOp {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StableCheckpoint {
     pub cert: CheckpointCert,
-    pub snapshot: Snapshot,
+    /// Shared, not copied: the whole replicated state, held by the replica until the
+    /// checkpoint is stable and by the storage that writes it.
+    pub snapshot: Arc<Snapshot>,
     /// Hash of the block at `cert.seq`, so replay can check the next block's link.
     pub block_hash: Digest,
 }

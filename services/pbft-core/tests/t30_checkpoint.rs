@@ -145,7 +145,7 @@ fn checkpoint_becomes_stable_at_2f_plus_1_matching_votes() {
             persist: vec![
                 PersistOp::Checkpoint(StableCheckpoint {
                     cert: cert.clone(),
-                    snapshot,
+                    snapshot: std::sync::Arc::new(snapshot),
                     block_hash: head,
                 }),
                 PersistOp::Prune { upto: 4 },

@@ -102,7 +102,7 @@ fn a_lagging_replica_applies_verified_blocks_and_adopts_the_checkpoint() {
             digest: d,
             signatures: [0, 1, 2].map(|i| checkpoint(4, d, i)).to_vec(),
         },
-        snapshot: reference.state().snapshot(),
+        snapshot: std::sync::Arc::new(reference.state().snapshot()),
         block_hash: chain[3].hash(),
     }));
     persist.push(PersistOp::Prune { upto: 4 });

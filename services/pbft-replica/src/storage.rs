@@ -1142,7 +1142,7 @@ mod tests {
                     })
                     .collect(),
             },
-            snapshot,
+            snapshot: Arc::new(snapshot),
             block_hash: *head,
         }
     }
@@ -1753,7 +1753,7 @@ mod tests {
                 digest: pbft_core::checkpoint_digest(&kv.digest(), &block_hash),
                 signatures: Vec::new(),
             },
-            snapshot: kv.snapshot(),
+            snapshot: Arc::new(kv.snapshot()),
             block_hash,
         }
     }

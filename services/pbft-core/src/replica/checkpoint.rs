@@ -3,6 +3,7 @@
 //! Checkpoint claims are also how a replica notices it has fallen behind.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use super::Replica;
 use crate::block::{CheckpointCert, checkpoint_digest};
@@ -18,7 +19,7 @@ impl Replica {
         let seq = self.last_executed;
         let digest = checkpoint_digest(&state_digest, &self.head_hash);
         self.own_checkpoints
-            .insert(seq, (digest, self.kv.snapshot(), self.head_hash));
+            .insert(seq, (digest, Arc::new(self.kv.snapshot()), self.head_hash));
         let m = self.sign(Checkpoint {
             seq,
             state_digest: digest,

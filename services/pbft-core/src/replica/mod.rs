@@ -88,7 +88,7 @@ pub struct Replica {
 
     stable: CheckpointCert,
     /// Own checkpoints not yet stable: digest and the state to save when it becomes stable.
-    own_checkpoints: BTreeMap<Seq, (Digest, Snapshot, Digest)>,
+    own_checkpoints: BTreeMap<Seq, (Digest, Arc<Snapshot>, Digest)>,
     /// Checkpoint votes within reach of stability.
     checkpoint_votes: BTreeMap<Seq, BTreeMap<ReplicaId, Signed<crate::message::Checkpoint>>>,
     /// Highest checkpoint each replica claims to have reached; f+1 above us mean we lag.
@@ -155,7 +155,11 @@ impl Replica {
             return Err(Error::UnknownReplica(id));
         }
         let (stable, kv, head_hash) = match state.checkpoint {
-            Some(cp) => (cp.cert, KvStore::from_snapshot(cp.snapshot), cp.block_hash),
+            Some(cp) => (
+                cp.cert,
+                KvStore::from_snapshot(Arc::unwrap_or_clone(cp.snapshot)),
+                cp.block_hash,
+            ),
             None => (CheckpointCert::genesis(), KvStore::default(), Digest::ZERO),
         };
         let vc_timeout = cfg.view_change_timeout;

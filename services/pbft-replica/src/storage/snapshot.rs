@@ -169,7 +169,10 @@ pub(super) fn catch_up(
         return Ok(base);
     }
     let (mut kv, mut head) = match base {
-        Some(b) => (KvStore::from_snapshot(b.snapshot), b.block_hash),
+        Some(b) => (
+            KvStore::from_snapshot(Arc::unwrap_or_clone(b.snapshot)),
+            b.block_hash,
+        ),
         None => (KvStore::default(), pbft_core::Digest::ZERO),
     };
     let here = Key::Seq(cert.seq);
@@ -205,7 +208,7 @@ pub(super) fn catch_up(
     }
     Ok(Some(StableCheckpoint {
         cert,
-        snapshot: kv.snapshot(),
+        snapshot: std::sync::Arc::new(kv.snapshot()),
         block_hash: head,
     }))
 }
