@@ -2,7 +2,6 @@
 //! with script-friendly exit codes, a killed replica does not stop the others, the ledger
 //! verifies, and stopping `pbft up` stops every replica; running it again resumes the data.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -21,18 +20,16 @@ fn replica_bin() -> PathBuf {
     p
 }
 
-/// A base port P with P, P+1, P+2 free on 127.0.0.1-4, below the ephemeral range.
+#[path = "../../pbft-replica/tests/common/ports.rs"]
+mod ports;
+
+/// A base port P with P, P+1, P+2 reserved on 127.0.0.1-4 for this test process (see
+/// `ports`), so no other test takes them, not even while `pbft up` is stopped and restarted.
 fn free_base_port() -> u16 {
-    let seed = u64::from(std::process::id()) * 7919;
-    for k in 0..5_000u64 {
-        let p = 10_000 + ((seed + k * 613) % 20_000) as u16;
-        let all_free = (1..=4)
-            .all(|i| (0..3).all(|d| TcpListener::bind(format!("127.0.0.{i}:{}", p + d)).is_ok()));
-        if all_free {
-            return p;
-        }
-    }
-    panic!("no free port range");
+    ports::pick(0, 3, |p| {
+        (1..=4).all(|i| (0..3).all(|d| ports::reserve(&format!("127.0.0.{i}"), p + d)))
+    })
+    .expect("no free port range")
 }
 
 fn run(data: &Path, args: &[&str]) -> Output {

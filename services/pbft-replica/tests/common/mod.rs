@@ -2,7 +2,9 @@
 //! Every wait is bounded; processes are killed when the cluster is dropped.
 #![allow(dead_code)]
 
-use std::net::{SocketAddr, TcpListener};
+pub mod ports;
+
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -85,38 +87,19 @@ pub struct Cluster {
     pub client_tls: Option<pbft_client::ClientTls>,
 }
 
-/// A free port on `ip`, chosen below the kernel's ephemeral range (32768+) so that no
-/// outgoing connection of a running replica can take it between now and its bind.
+/// A port on `ip` reserved for this test process (see [`ports`]): no other test picks it,
+/// not even while its replica is down for a restart.
 pub fn free_addr(ip: &str) -> SocketAddr {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let seed = u64::from(std::process::id()) * 7919
-        + std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos() as u64)
-            .unwrap_or(0);
-    for _ in 0..10_000 {
-        let k = NEXT.fetch_add(1, Ordering::Relaxed);
-        let port = 10_000 + (seed.wrapping_add(k * 104_729) % 22_000) as u16;
-        if let Ok(l) = TcpListener::bind(format!("{ip}:{port}")) {
-            return l.local_addr().expect("addr");
-        }
-    }
-    panic!("no free port on {ip}");
+    let port = ports::pick(0, 0, |p| ports::reserve(ip, p))
+        .unwrap_or_else(|| panic!("no free port on {ip}"));
+    SocketAddr::new(ip.parse().expect("ip"), port)
 }
 
-/// A port free on every one of `ips`: StatefulSet naming gives all peers the same port.
+/// A port reserved on every one of `ips`: StatefulSet naming gives all peers the same port.
+/// (A candidate that fails on a later ip stays reserved on the earlier ones, unused.)
 pub fn shared_port(ips: &[String]) -> u16 {
-    for _ in 0..100 {
-        let port = free_addr(&ips[0]).port();
-        if ips[1..]
-            .iter()
-            .all(|ip| TcpListener::bind(format!("{ip}:{port}")).is_ok())
-        {
-            return port;
-        }
-    }
-    panic!("no port free on all of {ips:?}");
+    ports::pick(1, 0, |p| ips.iter().all(|ip| ports::reserve(ip, p)))
+        .unwrap_or_else(|| panic!("no port free on all of {ips:?}"))
 }
 
 pub fn replica_secret(i: usize) -> [u8; 32] {
