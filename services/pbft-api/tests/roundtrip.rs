@@ -423,11 +423,13 @@ impl PbftService for FixedReplica {
 }
 
 type ReplyStream = Pin<Box<dyn Stream<Item = Result<pb::Reply, Status>> + Send>>;
+type ReplyBatchStream = Pin<Box<dyn Stream<Item = Result<pb::ReplyBatch, Status>> + Send>>;
 
 /// A ClientService that "executes" every request as a successful put.
 #[tonic::async_trait]
 impl ClientService for FixedReplica {
     type SubmitStreamStream = ReplyStream;
+    type SubmitBatchesStream = ReplyBatchStream;
 
     async fn submit(&self, request: Request<pb::Request>) -> Result<Response<pb::Reply>, Status> {
         Ok(Response::new(written_reply(&request.into_inner())))
@@ -437,6 +439,13 @@ impl ClientService for FixedReplica {
         &self,
         _: Request<Streaming<pb::Request>>,
     ) -> Result<Response<ReplyStream>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+
+    async fn submit_batches(
+        &self,
+        _: Request<Streaming<pb::RequestBatch>>,
+    ) -> Result<Response<ReplyBatchStream>, Status> {
         Err(Status::unimplemented("not in this test"))
     }
 

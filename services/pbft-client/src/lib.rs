@@ -19,15 +19,17 @@
 
 pub mod cli;
 
-use std::sync::Mutex;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use pbft_api::convert::Wire;
 use pbft_api::pb;
 use pbft_api::pb::client_service_client::ClientServiceClient;
 use pbft_core::{ClientCore, ClientId, Ed25519Signer, OpResult, Operation, ReplicaId, Reply};
+use prost::Message as _;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 /// What went wrong with a request.
@@ -98,7 +100,7 @@ impl Default for ClientOptions {
 /// Lazily opened connections to every replica, cheap to clone and share between clients.
 #[derive(Clone)]
 pub struct Connections {
-    replicas: Vec<ClientServiceClient<Channel>>,
+    mux: Arc<Mux>,
 }
 
 impl Connections {
@@ -137,43 +139,182 @@ impl Connections {
                     .max_encoding_message_size(opts.max_message_bytes),
             );
         }
-        Ok(Connections { replicas })
+        Ok(Connections {
+            mux: Arc::new(Mux {
+                links: (0..n).map(|_| Mutex::new(None)).collect(),
+                replicas,
+                inboxes: Arc::default(),
+            }),
+        })
+    }
+}
+
+/// Requests queued for one replica's stream while it is not being read.
+const LINK_QUEUE: usize = 4096;
+
+/// Most bytes of requests sent in one message (a larger request still goes, alone).
+const REQUEST_BATCH_BYTES: usize = 256 * 1024;
+
+/// Where the replies for each client of one [`Connections`] go.
+type Inboxes = Arc<Mutex<HashMap<u64, mpsc::UnboundedSender<Answer>>>>;
+
+/// The clients of one [`Connections`] share one `SubmitBatches` stream per replica: the
+/// requests any of them has queued go out together, and the replica packs the replies it
+/// has ready for all of them into one message. A message per request per replica cost
+/// more CPU under load, at the client and at every replica, than ordering the request did.
+struct Mux {
+    replicas: Vec<ClientServiceClient<Channel>>,
+    /// Each replica's open stream, if any.
+    links: Vec<Mutex<Option<Link>>>,
+    inboxes: Inboxes,
+}
+
+/// One replica's stream: where to queue requests, and which opening of it this is.
+#[derive(Clone)]
+struct Link {
+    tx: mpsc::Sender<pb::Request>,
+    generation: u64,
+}
+
+/// Numbers the openings of every stream, so that a client can tell whether the replica
+/// it announced itself to is still on the other end of the same stream.
+static GENERATION: AtomicU64 = AtomicU64::new(1);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Mux {
+    /// Replica `i`'s stream, opened when it is not (or no longer) open.
+    fn link(&self, i: usize) -> Link {
+        let mut slot = lock(&self.links[i]);
+        if let Some(link) = slot.as_ref().filter(|l| !l.tx.is_closed()) {
+            return link.clone();
+        }
+        let link = self.open(i);
+        *slot = Some(link.clone());
+        link
+    }
+
+    /// The generation of replica `i`'s open stream; 0 when none is open.
+    fn generation(&self, i: usize) -> u64 {
+        lock(&self.links[i])
+            .as_ref()
+            .filter(|l| !l.tx.is_closed())
+            .map_or(0, |l| l.generation)
+    }
+
+    /// Forgets replica `i`'s stream if it is still the `generation` one: the next request
+    /// opens a new one.
+    fn reset(&self, i: usize, generation: u64) {
+        let mut slot = lock(&self.links[i]);
+        if slot.as_ref().is_some_and(|l| l.generation == generation) {
+            *slot = None;
+        }
+    }
+
+    /// Opens replica `i`'s stream: a task sends what is queued and hands every reply to its
+    /// client's inbox; when the stream ends, every client hears of it.
+    fn open(&self, i: usize) -> Link {
+        let generation = GENERATION.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(LINK_QUEUE);
+        let mut service = self.replicas[i].clone();
+        let inboxes = self.inboxes.clone();
+        let replica = i as u32;
+        tokio::spawn(async move {
+            let status = match service.submit_batches(request_batches(rx)).await {
+                Err(status) => status,
+                Ok(response) => {
+                    let mut batches = response.into_inner();
+                    loop {
+                        match batches.message().await {
+                            Ok(Some(batch)) => dispatch(&inboxes, replica, batch),
+                            Ok(None) => break tonic::Status::unavailable("stream closed"),
+                            Err(status) => break status,
+                        }
+                    }
+                }
+            };
+            for inbox in lock(&inboxes).values() {
+                let _ = inbox.send(Answer::Failed(replica, generation, status.clone()));
+            }
+        });
+        Link { tx, generation }
+    }
+}
+
+/// The requests queued on `rx`, as messages of whatever has queued up since the last one.
+fn request_batches(
+    rx: mpsc::Receiver<pb::Request>,
+) -> impl futures_util::Stream<Item = pb::RequestBatch> + Send + 'static {
+    futures_util::stream::unfold((rx, None), |(mut rx, carried)| async move {
+        let first = match carried {
+            Some(request) => request,
+            None => rx.recv().await?,
+        };
+        let mut size = first.encoded_len();
+        let mut requests = vec![first];
+        let mut carried = None;
+        while let Ok(request) = rx.try_recv() {
+            size += request.encoded_len();
+            if size > REQUEST_BATCH_BYTES {
+                carried = Some(request);
+                break;
+            }
+            requests.push(request);
+        }
+        Some((pb::RequestBatch { requests }, (rx, carried)))
+    })
+}
+
+/// Hands each reply and rejection in `batch` to its client's inbox.
+fn dispatch(inboxes: &Inboxes, replica: u32, batch: pb::ReplyBatch) {
+    let inboxes = lock(inboxes);
+    for reply in batch.replies {
+        if let Some(inbox) = inboxes.get(&reply.client_id) {
+            let _ = inbox.send(Answer::Reply(replica, reply));
+        }
+    }
+    for rejection in batch.rejections {
+        if let Some(inbox) = inboxes.get(&rejection.client_id) {
+            let _ = inbox.send(Answer::Rejected(replica, rejection));
+        }
     }
 }
 
 /// A connection to a PBFT cluster. Requests from one client are serialised (PBFT clients
-/// have one outstanding request); use several clients for parallel load.
-///
-/// Requests travel over one long-lived `SubmitStream` per replica rather than a unary call
-/// each: under load a unary call per replica per request cost more CPU, at the client and
-/// at every replica, than ordering the request did. A stream that fails is reopened on the
-/// next request.
+/// have one outstanding request); use several clients for parallel load, over one shared
+/// [`Connections`] (see [`Client::with_connections`]).
 pub struct Client {
+    id: u64,
     core: Mutex<ClientCore>,
-    replicas: Vec<ClientServiceClient<Channel>>,
+    mux: Arc<Mux>,
     timeout: Duration,
     retry_after: Duration,
-    /// Held for the whole of a request: the links and what they deliver.
+    /// Our entry in the shared inboxes, to remove on drop.
+    inbox_tx: mpsc::UnboundedSender<Answer>,
+    /// Held for the whole of a request.
     session: tokio::sync::Mutex<Session>,
 }
 
-/// Where one request's answers arrive: the per-replica stream senders, and one inbox every
-/// stream's reader task writes to.
+/// What one request needs across its answers.
 struct Session {
-    links: Vec<Option<mpsc::Sender<pb::Request>>>,
-    /// Whether link `i` has carried one of our requests: replica `i` then knows the stream
-    /// as our route and pushes our replies down it, even for requests it only saw in a
-    /// pre-prepare. Until every link has, requests go to every replica.
-    known: Vec<bool>,
+    /// For each replica, the generation of the stream over which it has received one of
+    /// our requests (0: none): it then knows the stream as our route and pushes our
+    /// replies down it, even for requests it only saw in a pre-prepare. Until every
+    /// replica's current stream has carried one, requests go to every replica.
+    known: Vec<u64>,
     inbox: mpsc::UnboundedReceiver<Answer>,
-    inbox_tx: mpsc::UnboundedSender<Answer>,
 }
 
-/// What a replica's stream produced.
+/// What a replica's stream produced for us.
 enum Answer {
     Reply(u32, pb::Reply),
-    /// The stream ended with this status (it is reopened on the next request).
-    Failed(u32, tonic::Status),
+    /// The replica refused our request without ordering it.
+    Rejected(u32, pb::Rejection),
+    /// The stream of that generation ended with this status (it is reopened on the next
+    /// request).
+    Failed(u32, u64, tonic::Status),
 }
 
 fn now_ns() -> u64 {
@@ -181,6 +322,18 @@ fn now_ns() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(1)
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let mut inboxes = lock(&self.mux.inboxes);
+        if inboxes
+            .get(&self.id)
+            .is_some_and(|tx| tx.same_channel(&self.inbox_tx))
+        {
+            inboxes.remove(&self.id);
+        }
+    }
 }
 
 impl Client {
@@ -191,10 +344,11 @@ impl Client {
     }
 
     /// A client over connections shared with other clients (`opts.replicas` and `opts.tls`
-    /// are taken from `connections`): many clients then cost a few TCP connections, with
-    /// their streams multiplexed by HTTP/2.
+    /// are taken from `connections`): many clients then cost one stream per replica, and
+    /// their requests and replies travel in batches. Each client needs its own id.
     pub fn with_connections(connections: &Connections, opts: &ClientOptions) -> Client {
-        let n = connections.replicas.len();
+        let mux = connections.mux.clone();
+        let n = mux.replicas.len();
         // Timestamps from the wall clock: a restarted client with the same id stays fresh.
         let core = ClientCore::new(
             ClientId(opts.client_id),
@@ -204,93 +358,55 @@ impl Client {
             now_ns(),
         );
         let (inbox_tx, inbox) = mpsc::unbounded_channel();
+        lock(&mux.inboxes).insert(opts.client_id, inbox_tx.clone());
         Client {
+            id: opts.client_id,
             core: Mutex::new(core),
-            replicas: connections.replicas.clone(),
+            mux,
             timeout: opts.timeout,
             retry_after: opts.retry_after,
+            inbox_tx,
             session: tokio::sync::Mutex::new(Session {
-                links: vec![None; n],
-                known: vec![false; n],
+                known: vec![0; n],
                 inbox,
-                inbox_tx,
             }),
         }
     }
 
-    /// Opens replica `i`'s stream: a reader task forwards its replies (or the status it ended
-    /// with) to the inbox; the returned sender feeds it requests.
-    fn open_link(
-        &self,
-        i: usize,
-        inbox: &mpsc::UnboundedSender<Answer>,
-    ) -> mpsc::Sender<pb::Request> {
-        let (tx, rx) = mpsc::channel(64);
-        let mut service = self.replicas[i].clone();
-        let inbox = inbox.clone();
-        let replica = i as u32;
-        tokio::spawn(async move {
-            let mut replies = match service.submit_stream(ReceiverStream::new(rx)).await {
-                Ok(r) => r.into_inner(),
-                Err(status) => {
-                    let _ = inbox.send(Answer::Failed(replica, status));
-                    return;
-                }
-            };
-            loop {
-                match replies.message().await {
-                    Ok(Some(reply)) => {
-                        if inbox.send(Answer::Reply(replica, reply)).is_err() {
-                            return;
-                        }
-                    }
-                    Ok(None) => {
-                        let _ = inbox.send(Answer::Failed(
-                            replica,
-                            tonic::Status::unavailable("stream closed"),
-                        ));
-                        return;
-                    }
-                    Err(status) => {
-                        let _ = inbox.send(Answer::Failed(replica, status));
-                        return;
-                    }
-                }
-            }
-        });
-        tx
-    }
-
-    /// Hands `req` to replica `i`'s stream, reopening it if it has gone. False when it could
-    /// not be handed over (the replica is not reading).
+    /// Queues `req` on replica `i`'s stream, reopening it if it has gone. False when it
+    /// could not be queued (the replica is not reading).
     fn send_to(&self, session: &mut Session, i: usize, req: &pb::Request) -> bool {
         for _ in 0..2 {
-            let link = match &session.links[i] {
-                Some(l) => l.clone(),
-                None => {
-                    let l = self.open_link(i, &session.inbox_tx);
-                    session.links[i] = Some(l.clone());
-                    session.known[i] = false;
-                    l
-                }
-            };
-            match link.try_send(req.clone()) {
+            let link = self.mux.link(i);
+            match link.tx.try_send(req.clone()) {
                 Ok(()) => {
-                    session.known[i] = true;
+                    session.known[i] = link.generation;
                     return true;
                 }
                 // A full queue means the replica is not reading: skip it this time.
                 Err(mpsc::error::TrySendError::Full(_)) => return false,
-                Err(mpsc::error::TrySendError::Closed(_)) => session.links[i] = None,
+                Err(mpsc::error::TrySendError::Closed(_)) => self.mux.reset(i, link.generation),
             }
         }
         false
     }
 
-    /// Marks link `i` gone: it is reopened, and announced again, on its next use.
-    fn drop_link(session: &mut Session, i: usize) {
-        session.links[i] = None;
-        session.known[i] = false;
+    /// The stream of `generation` to replica `i` is gone: it is reopened, and we are
+    /// announced again, on its next use.
+    fn drop_link(&self, session: &mut Session, i: usize, generation: u64) {
+        self.mux.reset(i, generation);
+        if session.known[i] == generation {
+            session.known[i] = 0;
+        }
+    }
+
+    /// Whether every replica's current stream has carried one of our requests.
+    fn all_known(&self, session: &Session) -> bool {
+        session
+            .known
+            .iter()
+            .enumerate()
+            .all(|(i, &g)| g != 0 && g == self.mux.generation(i))
     }
 
     /// Orders and executes one operation; returns the result f+1 replicas agree on.
@@ -306,15 +422,15 @@ impl Client {
         // Whatever is left from an earlier request is stale: late replies are dropped, and a
         // stream that failed since is reopened (and announced again) on its next use.
         while let Ok(answer) = session.inbox.try_recv() {
-            if let Answer::Failed(replica, _) = answer {
-                Self::drop_link(&mut session, replica as usize);
+            if let Answer::Failed(replica, generation, _) = answer {
+                self.drop_link(&mut session, replica as usize, generation);
             }
         }
-        let n = self.replicas.len();
+        let n = self.mux.replicas.len();
         // The primary alone once every replica knows our stream (the backups then push
         // their replies to it); every replica otherwise.
         let primary = match send.to {
-            pbft_core::Target::Replica(p) if session.known.iter().all(|k| *k) => Some(p.0 as usize),
+            pbft_core::Target::Replica(p) if self.all_known(&session) => Some(p.0 as usize),
             _ => None,
         };
         let mut sent = vec![false; n];
@@ -361,9 +477,23 @@ impl Client {
                     }
                     Err(detail) => errors.push(format!("r{replica}: malformed reply: {detail}")),
                 },
-                Answer::Failed(replica, status) => {
+                Answer::Rejected(replica, rejection) => {
+                    if rejection.timestamp != pb_req.timestamp {
+                        continue;
+                    }
+                    errors.push(format!("r{replica}: {}", rejection.reason));
+                    // A malformed request stays malformed; an overloaded replica gets it
+                    // again on the retry.
+                    if !rejection.retryable {
+                        invalid += 1;
+                        if invalid >= needed {
+                            return Err(ClientError::Rejected(rejection.reason));
+                        }
+                    }
+                }
+                Answer::Failed(replica, generation, status) => {
                     let i = replica as usize;
-                    Self::drop_link(&mut session, i);
+                    self.drop_link(&mut session, i, generation);
                     if status.code() == tonic::Code::InvalidArgument {
                         invalid += 1;
                         if invalid >= needed {

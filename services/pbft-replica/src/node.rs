@@ -24,9 +24,10 @@ pub enum Inbound {
     /// A client request submitted to this replica; `reply` gets this replica's answer.
     /// `route`, when the request came over a client's stream, is where this replica pushes
     /// that client's later replies for requests it did not receive itself (see `ReplyRoute`).
+    /// Without `reply` (a `SubmitBatches` stream), the answer to this request goes there too.
     Submit {
         request: Request,
-        reply: oneshot::Sender<Reply>,
+        reply: Option<oneshot::Sender<Reply>>,
         route: Option<ReplyRoute>,
     },
 }
@@ -385,7 +386,9 @@ impl Node {
         let mut replies = self.replies.lock();
         replies.routes.retain(|_, r| !r.is_closed());
         replies.waiters.retain(|_, ws| {
-            ws.retain(|w| w.since.elapsed() < limit && !w.tx.is_closed());
+            ws.retain(|w| {
+                w.since.elapsed() < limit && !w.tx.as_ref().is_some_and(|tx| tx.is_closed())
+            });
             !ws.is_empty()
         });
     }

@@ -30,9 +30,11 @@ pub const PENDING_OUTPUTS: usize = 1024;
 /// Most outputs folded into one transaction, so one group commit stays bounded in size.
 const MAX_GROUP: usize = 256;
 
-/// A client waiting on its `Submit` call for this replica's reply.
+/// A request waiting for this replica's reply: on its `Submit` call (`tx`), or, for one that
+/// came in a `SubmitBatches` stream (`tx` empty), on its client's route. Kept for both so
+/// that the commit latency is measured for every request.
 pub struct Waiter {
-    pub tx: oneshot::Sender<Reply>,
+    pub tx: Option<oneshot::Sender<Reply>>,
     pub since: Instant,
 }
 
@@ -120,30 +122,46 @@ impl Persister {
     }
 
     /// Answers the calls waiting for these replies, or pushes each down its client's stream.
+    /// A reply to a request received here counts as `replied` whichever way it goes; one
+    /// to a request learnt from a pre-prepare, as `pushed`.
     fn deliver(&self, replies: Vec<Reply>) {
         let mut shared = self.replies.lock();
         for reply in replies {
+            let (mut received, mut routed) = (false, true);
             if let Some(waiters) = shared.waiters.remove(&(reply.client, reply.timestamp)) {
+                (received, routed) = (true, false);
                 for w in waiters {
                     self.metrics
                         .commit_latency
                         .observe(w.since.elapsed().as_secs_f64());
-                    let _ = w.tx.send(reply.clone());
-                }
-                self.metrics.requests.with_label_values(&["replied"]).inc();
-            } else if let Some(route) = shared.routes.get(&reply.client) {
-                // Never block on a slow client: a full stream loses this reply, and the
-                // client's retry to every replica gets it answered.
-                match route.try_send(reply) {
-                    Ok(()) => self.metrics.requests.with_label_values(&["pushed"]).inc(),
-                    Err(RouteSendError::Full(_)) => self
-                        .metrics
-                        .dropped_messages
-                        .with_label_values(&["client", "queue_full"])
-                        .inc(),
-                    Err(RouteSendError::Closed(reply)) => {
-                        shared.routes.remove(&reply.client);
+                    match w.tx {
+                        Some(tx) => {
+                            let _ = tx.send(reply.clone());
+                        }
+                        // It came on a `SubmitBatches` stream: answered down the route.
+                        None => routed = true,
                     }
+                }
+            }
+            let outcome = if received { "replied" } else { "pushed" };
+            if !routed {
+                self.metrics.requests.with_label_values(&[outcome]).inc();
+                continue;
+            }
+            let Some(route) = shared.routes.get(&reply.client) else {
+                continue;
+            };
+            // Never block on a slow client: a full stream loses this reply, and the
+            // client's retry to every replica gets it answered.
+            match route.try_send(reply) {
+                Ok(()) => self.metrics.requests.with_label_values(&[outcome]).inc(),
+                Err(RouteSendError::Full(_)) => self
+                    .metrics
+                    .dropped_messages
+                    .with_label_values(&["client", "queue_full"])
+                    .inc(),
+                Err(RouteSendError::Closed(reply)) => {
+                    shared.routes.remove(&reply.client);
                 }
             }
         }
@@ -306,17 +324,28 @@ mod tests {
         let p = persister(&log, false);
         let (call_tx, mut call_rx) = oneshot::channel();
         let (route_tx, mut route_rx) = tokio::sync::mpsc::channel(4);
+        let (batch_route_tx, mut batch_route_rx) = tokio::sync::mpsc::channel(4);
         {
             let mut shared = p.replies.lock();
             shared.waiters.insert(
                 (ClientId(7), 1),
                 vec![Waiter {
-                    tx: call_tx,
+                    tx: Some(call_tx),
                     since: Instant::now(),
                 }],
             );
             shared.routes.insert(ClientId(8), route_tx);
+            // A request that came on a `SubmitBatches` stream: no call waits for it.
+            shared.waiters.insert(
+                (ClientId(10), 2),
+                vec![Waiter {
+                    tx: None,
+                    since: Instant::now(),
+                }],
+            );
+            shared.routes.insert(ClientId(10), batch_route_tx);
         }
+        let metrics = p.metrics.clone();
         let reply = |client, timestamp| Reply {
             view: 0,
             timestamp,
@@ -326,7 +355,7 @@ mod tests {
         };
         let (tx, rx) = sync_channel(4);
         tx.send(Output {
-            replies: vec![reply(7, 1), reply(8, 5), reply(9, 1)],
+            replies: vec![reply(7, 1), reply(8, 5), reply(9, 1), reply(10, 2)],
             ..Output::default()
         })
         .unwrap();
@@ -335,7 +364,14 @@ mod tests {
         p.run(rx).unwrap();
         assert_eq!(call_rx.try_recv().unwrap(), reply(7, 1));
         assert_eq!(route_rx.try_recv().unwrap(), reply(8, 5));
+        assert!(
+            route_rx.try_recv().is_err(),
+            "client 8 got only its own reply"
+        );
+        assert_eq!(batch_route_rx.try_recv().unwrap(), reply(10, 2));
         assert!(shared.lock().waiters.is_empty());
+        let count = |outcome: &str| metrics.requests.with_label_values(&[outcome]).get();
+        assert_eq!((count("replied"), count("pushed")), (2, 1));
         assert!(
             log.lock().unwrap().is_empty(),
             "no persist for an output without ops"

@@ -17,11 +17,14 @@ use tokio::sync::oneshot;
 use tracing::info;
 
 use crate::metrics::Metrics;
-use crate::node::Inbound;
+use crate::node::{Inbound, ReplyRoute};
 use crate::status::{SharedStatus, StatusView};
 use crate::storage::RedbStore;
 
 const MAX_BATCH: usize = 512;
+
+/// Where a request's reply goes: its `Submit` call, or its client's stream.
+type Answer = (Option<oneshot::Sender<Reply>>, Option<ReplyRoute>);
 
 /// Executes submitted requests in arrival order, in batches, persisting each batch as a
 /// block before replying.
@@ -60,10 +63,14 @@ pub fn run_loop(
         }
         // Signatures are checked in one batch, as the replicated path does, so that the
         // ratio the benchmark reports is the cost of replication and nothing else.
-        let submitted: Vec<(Request, oneshot::Sender<Reply>)> = inputs
+        let submitted: Vec<(Request, Answer)> = inputs
             .into_iter()
             .filter_map(|input| match input {
-                Inbound::Submit { request, reply, .. } => Some((request, reply)),
+                Inbound::Submit {
+                    request,
+                    reply,
+                    route,
+                } => Some((request, (reply, route))),
                 Inbound::Message { .. } => None,
             })
             .collect();
@@ -71,9 +78,9 @@ pub fn run_loop(
         let verdicts = Request::verify_all(&refs, ring.as_ref());
         let mut requests = Vec::new();
         let mut waiters = Vec::new();
-        for ((request, reply), ok) in submitted.into_iter().zip(verdicts) {
+        for ((request, answer), ok) in submitted.into_iter().zip(verdicts) {
             if ok {
-                waiters.push((request.client, request.timestamp, reply, Instant::now()));
+                waiters.push((request.client, request.timestamp, answer, Instant::now()));
                 requests.push(request);
             } else {
                 metrics.rejected.with_label_values(&["bad_signature"]).inc();
@@ -108,11 +115,20 @@ pub fn run_loop(
                 .iter()
                 .position(|(c, ts, _, _)| *c == reply.client && *ts == reply.timestamp)
             {
-                let (_, _, tx, since) = waiters.swap_remove(i);
+                let (_, _, (tx, route), since) = waiters.swap_remove(i);
                 metrics
                     .commit_latency
                     .observe(since.elapsed().as_secs_f64());
-                let _ = tx.send(reply);
+                match (tx, route) {
+                    (Some(tx), _) => {
+                        let _ = tx.send(reply);
+                    }
+                    // A `SubmitBatches` request: answered down its stream, never blocking.
+                    (None, Some(route)) => {
+                        let _ = route.try_send(reply);
+                    }
+                    (None, None) => {}
+                }
             }
         }
         status.set(StatusView {

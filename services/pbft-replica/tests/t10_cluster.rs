@@ -142,6 +142,76 @@ fn sigterm_exits_cleanly(transport: &'static str) {
     c.wait_agree(&[0, 1, 2, 3], 3, Duration::from_secs(20));
 }
 
+/// Clients sharing one `Connections` (one `SubmitBatches` stream per replica, the way
+/// `pbft bench` runs): concurrent requests all complete, a backup killed under them only
+/// breaks its own stream, and once restarted it is reached again through a new one.
+fn shared_connections_serve_many_clients(transport: &'static str) {
+    use std::sync::Arc;
+
+    use pbft_client::{Client, ClientOptions, Connections};
+
+    let mut c = Cluster::start(transport);
+    c.wait_all_ready();
+    let rt = rt();
+    let opts = |id: u64| ClientOptions {
+        replicas: c.client_addrs.iter().map(|a| a.to_string()).collect(),
+        client_id: id,
+        secret: common::client_secret(id),
+        timeout: Duration::from_secs(20),
+        retry_after: Duration::from_millis(300),
+        ..ClientOptions::default()
+    };
+    // Connections dial lazily, from a runtime.
+    let _runtime = rt.enter();
+    let connections = Connections::new(&opts(0)).expect("connections");
+    let clients: Vec<Arc<Client>> = (0..4)
+        .map(|id| Arc::new(Client::with_connections(&connections, &opts(id))))
+        .collect();
+    let round = |rt: &tokio::runtime::Runtime, tag: &str| {
+        rt.block_on(async {
+            let tasks: Vec<_> = clients
+                .iter()
+                .enumerate()
+                .map(|(id, client)| {
+                    let (client, tag) = (client.clone(), tag.to_string());
+                    tokio::spawn(async move {
+                        for i in 0..10 {
+                            let key = format!("{tag}-{id}-{i}");
+                            client
+                                .put(key.as_bytes(), tag.as_bytes())
+                                .await
+                                .unwrap_or_else(|e| panic!("put {key}: {e}"));
+                        }
+                    })
+                })
+                .collect();
+            for t in tasks {
+                t.await.expect("client task");
+            }
+        })
+    };
+    round(&rt, "a");
+    let pushed = |c: &Cluster, i| c.metric(i, "pbft_client_requests_total", "outcome=\"pushed\"");
+    assert!(
+        (1..4).all(|b| pushed(&c, b) > 0.0),
+        "backups pushed replies down the shared streams"
+    );
+    c.kill(2);
+    round(&rt, "b");
+    c.start_replica(2);
+    c.wait_ready(2, Duration::from_secs(20));
+    let before = pushed(&c, 2);
+    round(&rt, "c");
+    let got = rt.block_on(clients[3].get(b"b-1-9")).expect("get");
+    assert_eq!(got, Some(b"b".to_vec()));
+    c.wait_agree(&[0, 1, 2, 3], 1, Duration::from_secs(30));
+    assert!(
+        pushed(&c, 2) > before
+            || c.metric(2, "pbft_client_requests_total", "outcome=\"replied\"") > 0.0,
+        "the restarted backup answers over a reopened stream"
+    );
+}
+
 macro_rules! on_transports {
     ($($name:ident),* $(,)?) => {
         mod grpc {
@@ -159,6 +229,7 @@ on_transports!(
     primary_kill_view_change,
     wiped_replica_state_transfer,
     sigterm_exits_cleanly,
+    shared_connections_serve_many_clients,
 );
 
 /// A damaged database stops start-up with a clear error instead of serving wrong data.

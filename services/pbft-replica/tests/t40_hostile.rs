@@ -193,3 +193,88 @@ fn tcp_hostile_peer_is_dropped_and_counted() {
     });
     check_survives(&c, &rt, "tcp");
 }
+
+/// A signed put from test client `client`.
+fn signed_put(client: u64, timestamp: u64, key: &[u8]) -> pb::Request {
+    use pbft_api::convert::Wire;
+    let signer = Ed25519Signer::from_secret(common::client_secret(client));
+    pbft_core::Request::new_signed(
+        pbft_core::ClientId(client),
+        timestamp,
+        pbft_core::Operation::Put {
+            key: key.to_vec(),
+            value: b"v".to_vec(),
+        },
+        &signer,
+    )
+    .to_pb()
+}
+
+/// A `SubmitBatches` stream carrying a malformed request next to good ones: the malformed
+/// one is answered with a rejection (and counted), a forged one is dropped, the good ones
+/// are executed and answered, and the stream keeps serving afterwards.
+#[test]
+fn grpc_malformed_request_in_a_batch_is_rejected_and_the_stream_goes_on() {
+    let c = Cluster::start("grpc");
+    let rt = rt();
+    prime(&c, &rt);
+    rt.block_on(async {
+        let addr = format!("http://{}", c.client_addrs[0]);
+        let mut client = pb::client_service_client::ClientServiceClient::connect(addr)
+            .await
+            .expect("connect");
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let mut answers = client
+            .submit_batches(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .expect("stream")
+            .into_inner();
+        let malformed = pb::Request {
+            client_id: 3,
+            timestamp: 9,
+            operation: None,
+            signature: vec![1; 64],
+        };
+        let mut forged = signed_put(1, 1, b"forged");
+        forged.client_id = 3; // client 1's signature, claimed by client 3
+        let batch = vec![malformed, forged, signed_put(2, 1, b"good")];
+        tx.send(pb::RequestBatch { requests: batch })
+            .await
+            .expect("send");
+        let (mut rejections, mut replies) = (Vec::new(), Vec::new());
+        let mut next = async |rejections: &mut Vec<pb::Rejection>,
+                              replies: &mut Vec<(u64, u64)>| {
+            let batch = tokio::time::timeout(Duration::from_secs(20), answers.message())
+                .await
+                .expect("an answer in time")
+                .expect("stream healthy")
+                .expect("stream open");
+            rejections.extend(batch.rejections);
+            replies.extend(batch.replies.iter().map(|r| (r.client_id, r.timestamp)));
+        };
+        while rejections.is_empty() || replies.is_empty() {
+            next(&mut rejections, &mut replies).await;
+        }
+        assert_eq!(rejections.len(), 1, "{rejections:?}");
+        let r = &rejections[0];
+        assert_eq!((r.client_id, r.timestamp, r.retryable), (3, 9, false));
+        assert!(r.reason.contains("malformed"), "{}", r.reason);
+        assert_eq!(replies, vec![(2, 1)], "only the good request is answered");
+        // The same stream goes on serving.
+        tx.send(pb::RequestBatch {
+            requests: vec![signed_put(2, 2, b"good-2")],
+        })
+        .await
+        .expect("send");
+        while !replies.contains(&(2, 2)) {
+            next(&mut rejections, &mut replies).await;
+        }
+        assert!(
+            !replies.iter().any(|&(client, _)| client == 3),
+            "the forged request was never executed"
+        );
+    });
+    assert!(rejected(&c, 0, "malformed") >= 1.0);
+    assert!(rejected(&c, 0, "bad_signature") >= 1.0);
+    check_survives(&c, &rt, "grpc");
+}

@@ -479,7 +479,7 @@ impl GrpcServer {
         self.node
             .deliver(Inbound::Submit {
                 request,
-                reply: tx,
+                reply: Some(tx),
                 route,
             })
             .map_err(|e| Status::unavailable(e.to_string()))?;
@@ -632,6 +632,7 @@ pub fn sync_answer(
 #[tonic::async_trait]
 impl ClientService for GrpcServer {
     type SubmitStreamStream = BoxStream<pb::Reply>;
+    type SubmitBatchesStream = BoxStream<pb::ReplyBatch>;
 
     async fn submit(&self, request: Request<pb::Request>) -> Result<Response<pb::Reply>, Status> {
         self.submit_one(request.into_inner(), None)
@@ -682,11 +683,132 @@ impl ClientService for GrpcServer {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
+    async fn submit_batches(
+        &self,
+        request: Request<Streaming<pb::RequestBatch>>,
+    ) -> Result<Response<Self::SubmitBatchesStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (out, rx) = mpsc::channel(16);
+        // The route every client announced here is given: the persistence thread pushes
+        // their replies into it, and the writer below packs whatever has queued up into
+        // one message, so a batch executed for many clients costs one frame, not one each.
+        let (route, pushed) = mpsc::channel::<pbft_core::Reply>(BATCH_ROUTE_CAPACITY);
+        let (rejects, rejected) = mpsc::unbounded_channel();
+        let budget = self.settings.max_message_bytes / 2;
+        tokio::spawn(write_reply_batches(pushed, rejected, out, budget));
+        let this = self.clone();
+        let mut stop = self.stop.clone();
+        // Reads until the client closes its side; dropping `rejects` then ends the writer,
+        // which closes the route for the node.
+        tokio::spawn(async move {
+            loop {
+                let batch = tokio::select! {
+                    m = inbound.message() => match m {
+                        Ok(Some(batch)) => batch,
+                        Ok(None) | Err(_) => break,
+                    },
+                    _ = stop.wait_for(|s| *s) => break,
+                };
+                for req in batch.requests {
+                    if let Some(rejection) = this.submit_routed(req, &route) {
+                        let _ = rejects.send(rejection);
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
     async fn get_status(
         &self,
         _: Request<pb::GetStatusRequest>,
     ) -> Result<Response<pb::GetStatusResponse>, Status> {
         Ok(Response::new(self.status_pb()))
+    }
+}
+
+/// Replies a `SubmitBatches` stream may have queued: one per announced client in flight,
+/// and then some for retries.
+const BATCH_ROUTE_CAPACITY: usize = 8192;
+
+impl GrpcServer {
+    /// Hands one request of a `SubmitBatches` stream to the node, its answer to go down
+    /// `route`; a rejection when it cannot be taken.
+    fn submit_routed(&self, req: pb::Request, route: &ReplyRoute) -> Option<pb::Rejection> {
+        let (client_id, timestamp) = (req.client_id, req.timestamp);
+        // Nothing waits here for the reply, so this span covers the hand-over only; the
+        // `execute` and `persist` spans cover the rest of the request's life.
+        let _span =
+            tracing::info_span!("submit", client = client_id, timestamp, batched = true).entered();
+        let (reason, retryable) = match pbft_core::Request::from_pb(req) {
+            Err(e) => {
+                self.metrics
+                    .rejected
+                    .with_label_values(&["malformed"])
+                    .inc();
+                (format!("malformed request: {e}"), false)
+            }
+            Ok(request) => match self.node.deliver(Inbound::Submit {
+                request,
+                reply: None,
+                route: Some(route.clone()),
+            }) {
+                Ok(()) => return None,
+                Err(e) => (e.to_string(), true),
+            },
+        };
+        Some(pb::Rejection {
+            client_id,
+            timestamp,
+            reason,
+            retryable,
+        })
+    }
+}
+
+/// The sending half of a `SubmitBatches` stream: whatever replies and rejections have queued
+/// up go out together, in messages of at most `budget` bytes. Ends when the reading half
+/// has ended (`rejected` closed) or the client has gone.
+async fn write_reply_batches(
+    mut pushed: mpsc::Receiver<pbft_core::Reply>,
+    mut rejected: mpsc::UnboundedReceiver<pb::Rejection>,
+    out: mpsc::Sender<Result<pb::ReplyBatch, Status>>,
+    budget: usize,
+) {
+    let mut queued = Vec::new();
+    loop {
+        let mut batch = pb::ReplyBatch::default();
+        tokio::select! {
+            n = pushed.recv_many(&mut queued, BATCH_ROUTE_CAPACITY) => {
+                if n == 0 {
+                    return;
+                }
+            }
+            r = rejected.recv() => match r {
+                Some(r) => batch.rejections.push(r),
+                None => return,
+            },
+            _ = out.closed() => return,
+        }
+        while let Ok(r) = rejected.try_recv() {
+            batch.rejections.push(r);
+        }
+        let mut size = batch.encoded_len();
+        for reply in queued.drain(..) {
+            let reply = reply.to_pb();
+            let len = reply.encoded_len() + 8;
+            if size + len > budget && !(batch.replies.is_empty() && batch.rejections.is_empty()) {
+                if out.send(Ok(std::mem::take(&mut batch))).await.is_err() {
+                    return;
+                }
+                size = 0;
+            }
+            size += len;
+            batch.replies.push(reply);
+        }
+        if out.send(Ok(batch)).await.is_err() {
+            return;
+        }
     }
 }
 
