@@ -494,28 +494,24 @@ impl Client {
                 Answer::Failed(replica, generation, status) => {
                     let i = replica as usize;
                     self.drop_link(&mut session, i, generation);
-                    if status.code() == tonic::Code::InvalidArgument {
-                        invalid += 1;
-                        if invalid >= needed {
-                            return Err(ClientError::Rejected(status.message().to_string()));
-                        }
-                    } else {
-                        if !resent[i] {
-                            // The stream broke (a restarted replica, a dropped connection):
-                            // the request may not have reached it, so send it once more.
-                            resent[i] = true;
-                            self.send_to(&mut session, i, &pb_req);
-                        }
-                        // A broken stream to the primary is as telling as a timeout: send to
-                        // everyone now rather than after `retry_after` (a killed primary).
-                        if sent.iter().any(|s| !*s) {
-                            for (j, s) in sent.iter_mut().enumerate() {
-                                if !*s {
-                                    *s = self.send_to(&mut session, j, &pb_req);
-                                }
+                    // A stream ends for every client on it, never for one request (a
+                    // request the replica refuses gets a `Rejection`), so this is a broken
+                    // link, whatever its status.
+                    if !resent[i] {
+                        // The stream broke (a restarted replica, a dropped connection): the
+                        // request may not have reached it, so send it once more.
+                        resent[i] = true;
+                        self.send_to(&mut session, i, &pb_req);
+                    }
+                    // A broken stream to the primary is as telling as a timeout: send to
+                    // everyone now rather than after `retry_after` (a killed primary).
+                    if sent.iter().any(|s| !*s) {
+                        for (j, s) in sent.iter_mut().enumerate() {
+                            if !*s {
+                                *s = self.send_to(&mut session, j, &pb_req);
                             }
-                            retry_at = deadline;
                         }
+                        retry_at = deadline;
                     }
                     errors.push(format!("r{replica}: {}", status.message()));
                 }
