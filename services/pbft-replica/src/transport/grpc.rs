@@ -693,7 +693,10 @@ impl ClientService for GrpcServer {
         // their replies into it, and the writer below packs whatever has queued up into
         // one message, so a batch executed for many clients costs one frame, not one each.
         let (route, pushed) = mpsc::channel::<pbft_core::Reply>(BATCH_ROUTE_CAPACITY);
-        let (rejects, rejected) = mpsc::unbounded_channel();
+        // Bounded: a client that sends malformed requests without reading the answers
+        // must not grow this replica's memory. A rejection that does not fit is dropped;
+        // the request was counted as rejected already.
+        let (rejects, rejected) = mpsc::channel(BATCH_ROUTE_CAPACITY);
         let budget = self.settings.max_message_bytes / 2;
         tokio::spawn(write_reply_batches(pushed, rejected, out, budget));
         let this = self.clone();
@@ -711,7 +714,7 @@ impl ClientService for GrpcServer {
                 };
                 for req in batch.requests {
                     if let Some(rejection) = this.submit_routed(req, &route) {
-                        let _ = rejects.send(rejection);
+                        let _ = rejects.try_send(rejection);
                     }
                 }
             }
@@ -771,7 +774,7 @@ impl GrpcServer {
 /// has ended (`rejected` closed) or the client has gone.
 async fn write_reply_batches(
     mut pushed: mpsc::Receiver<pbft_core::Reply>,
-    mut rejected: mpsc::UnboundedReceiver<pb::Rejection>,
+    mut rejected: mpsc::Receiver<pb::Rejection>,
     out: mpsc::Sender<Result<pb::ReplyBatch, Status>>,
     budget: usize,
 ) {
