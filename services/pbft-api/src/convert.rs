@@ -16,8 +16,6 @@
 //! Conversions are the [`Wire`] trait, implemented on core types, plus [`to_envelope`] and
 //! [`from_envelope`] for the `PBFTMessage` envelope that carries a core [`Message`].
 
-use std::collections::BTreeMap;
-
 use crate::pb::{self, op_result, operation};
 use crate::{MessageType, Payload};
 use pbft_core::kv::ClientRecord;
@@ -709,16 +707,14 @@ impl Wire for Snapshot {
     fn to_pb(&self) -> pb::StateSnapshot {
         pb::StateSnapshot {
             entries: self
-                .entries
-                .iter()
+                .entries()
                 .map(|(key, value)| pb::KvEntry {
-                    key: key.clone(),
-                    value: value.clone(),
+                    key: key.to_vec(),
+                    value: value.to_vec(),
                 })
                 .collect(),
             clients: self
-                .clients
-                .iter()
+                .clients()
                 .map(|(client, record)| pb::ClientRecord {
                     client_id: client.0,
                     timestamp: record.timestamp,
@@ -729,23 +725,22 @@ impl Wire for Snapshot {
     }
 
     fn from_pb(pb: pb::StateSnapshot) -> Result<Self> {
-        let mut entries = BTreeMap::new();
+        let mut snapshot = Snapshot::default();
         for e in pb.entries {
-            if entries.insert(e.key, e.value).is_some() {
+            if snapshot.insert(&e.key, &e.value) {
                 return Err(ConvertError::Duplicate("StateSnapshot.entries"));
             }
         }
-        let mut clients = BTreeMap::new();
         for c in pb.clients {
             let record = ClientRecord {
                 timestamp: c.timestamp,
                 result: OpResult::from_pb(required("ClientRecord.result", c.result)?)?,
             };
-            if clients.insert(ClientId(c.client_id), record).is_some() {
+            if snapshot.insert_client(ClientId(c.client_id), record) {
                 return Err(ConvertError::Duplicate("StateSnapshot.clients"));
             }
         }
-        Ok(Snapshot { entries, clients })
+        Ok(snapshot)
     }
 }
 
@@ -1171,9 +1166,9 @@ mod tests {
         check(c.block(7, Digest([1; 32])));
         let mut snapshot = Snapshot::default();
         check(snapshot.clone());
-        snapshot.entries.insert(b"a".to_vec(), b"1".to_vec());
-        snapshot.entries.insert(Vec::new(), Vec::new());
-        snapshot.clients.insert(
+        snapshot.insert(b"a", b"1");
+        snapshot.insert(b"", b"");
+        snapshot.insert_client(
             ClientId(7),
             ClientRecord {
                 timestamp: 4,

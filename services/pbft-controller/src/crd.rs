@@ -260,6 +260,20 @@ pub struct ProtocolSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_view_change_timeout_ms: Option<u64>,
+    /// How checkpoints digest the state (cluster-wide): `buckets` (the default) or `linear`,
+    /// which clusters created before `buckets` must keep.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_digest: Option<StateDigest>,
+}
+
+/// How checkpoints digest the replicated state (docs/CONFIG.md).
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum StateDigest {
+    /// Cached digests of key buckets: a checkpoint costs what was written since the last.
+    Buckets,
+    /// One hash over the whole state, as clusters created before `buckets` certified.
+    Linear,
 }
 
 /// Key material location.

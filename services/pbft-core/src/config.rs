@@ -1,10 +1,11 @@
 //! Protocol parameters. Time is counted in ticks; the adapter decides what a tick is
 //! (the replica uses 1 ms, the simulator 1 ms of virtual time).
 
+use crate::kv::StateDigest;
 use crate::types::Tick;
 
 /// Everything that shapes the protocol's behaviour. All replicas of a cluster must agree on
-/// `n` and `checkpoint_interval`; the rest may differ per replica.
+/// `n`, `checkpoint_interval` and `state_digest`; the rest may differ per replica.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
     /// Number of replicas, `3f + 1` with `f >= 1`.
@@ -40,6 +41,8 @@ pub struct Config {
     pub max_request_bytes: usize,
     /// Requests the primary queues for proposal before it starts refusing new ones.
     pub max_pending_requests: usize,
+    /// How checkpoints digest the state (see [`StateDigest`]).
+    pub state_digest: StateDigest,
     /// Deliberate protocol bugs for the simulator's teeth check (`make teeth`).
     #[cfg(feature = "mutations")]
     pub mutation: Option<Mutation>,
@@ -72,6 +75,7 @@ impl Default for Config {
             sync_timeout: 2_000,
             max_request_bytes: 1 << 20,
             max_pending_requests: 100_000,
+            state_digest: StateDigest::Buckets,
             #[cfg(feature = "mutations")]
             mutation: None,
         }

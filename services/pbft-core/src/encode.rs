@@ -24,6 +24,8 @@ pub(crate) mod tag {
     pub const RESULTS: u8 = 11;
     pub const CHECKPOINT_STATE: u8 = 12;
     pub const STATUS: u8 = 13;
+    pub const STATE_BUCKETS: u8 = 14;
+    pub const STATE_BUCKET: u8 = 15;
 }
 
 /// Appends fixed-width big-endian integers and length-prefixed byte strings.

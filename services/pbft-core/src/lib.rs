@@ -38,7 +38,7 @@ pub use client::{ClientCore, ClientError, Completed};
 pub use config::Mutation;
 pub use config::{Config, ConfigError};
 pub use crypto::{ClientSig, Ed25519Signer, KeyRing, PublicKey, ReplicaSig, Signer, Verifier};
-pub use kv::{KvStore, Snapshot};
+pub use kv::{ClientRecord, KvStore, Snapshot, StateDigest};
 pub use message::{
     Checkpoint, Commit, Message, NewView, PrePrepare, Prepare, PreparedProof, Signed,
     StatusAnnouncement, SyncRequest, SyncResponse, ViewChange, primary,
@@ -64,6 +64,16 @@ pub enum Error {
     Recovery(#[from] BlockError),
     #[error(transparent)]
     Storage(#[from] StorageError),
+    #[error(
+        "the stored checkpoint at {seq} was certified with the `{found}` state digest, but this replica is configured for `{configured}`: every replica of a cluster must use the same one (clusters created before the `buckets` digest use `linear`; set `protocol.state_digest`)"
+    )]
+    StateDigestScheme {
+        seq: Seq,
+        configured: StateDigest,
+        found: StateDigest,
+    },
+    #[error("the stored checkpoint's state at {0} does not match its certificate")]
+    StateMismatch(Seq),
 }
 
 /// Result with the core's [`Error`].

@@ -274,7 +274,7 @@ fn backup_executes_after_a_quorum_of_commits_and_replies() {
     let s = b.status();
     assert_eq!((s.last_executed, s.head_hash), (1, block.hash()));
     assert_eq!(s.pending_requests, 0);
-    assert_eq!(b.state().get(b"k1-1"), Some(&b"v1".to_vec()));
+    assert_eq!(b.state().get(b"k1-1"), Some(&b"v1"[..]));
 }
 
 #[test]

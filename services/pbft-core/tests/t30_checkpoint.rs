@@ -46,7 +46,10 @@ fn vote(held: &[(u32, Message)], seq: u64, by: u32) -> Message {
 
 /// The checkpoint digest `rep` signs for its current state and head.
 fn own_digest(rep: &Replica) -> Digest {
-    checkpoint_digest(&rep.state().digest(), &rep.status().head_hash)
+    checkpoint_digest(
+        &rep.state().digest(rep.config().state_digest),
+        &rep.status().head_hash,
+    )
 }
 
 #[test]
@@ -87,7 +90,10 @@ fn executing_a_checkpoint_height_records_the_state_and_broadcasts_a_vote() {
     };
     let b = c.replica(1);
     assert_ne!(block.state_digest, Digest::ZERO);
-    assert_eq!(block.state_digest, b.state().digest());
+    assert_eq!(
+        block.state_digest,
+        b.state().digest(b.config().state_digest)
+    );
     let q = put_req(4, 1);
     assert_eq!(
         out,

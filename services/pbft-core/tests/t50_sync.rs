@@ -94,7 +94,10 @@ fn a_lagging_replica_applies_verified_blocks_and_adopts_the_checkpoint() {
     let out = deliver(&mut b, 0, Message::SyncResponse(resp));
 
     let reference = c.replica(0);
-    let d = pbft_core::checkpoint_digest(&reference.state().digest(), &chain[3].hash());
+    let d = pbft_core::checkpoint_digest(
+        &reference.state().digest(reference.config().state_digest),
+        &chain[3].hash(),
+    );
     let mut persist: Vec<_> = chain.iter().cloned().map(PersistOp::Block).collect();
     persist.push(PersistOp::Checkpoint(StableCheckpoint {
         cert: CheckpointCert {

@@ -8,8 +8,9 @@ mod common;
 
 use common::*;
 use pbft_core::{
-    BlockError, Config, ConfigError, Error, Event, Input, MemStore, Message, Output, PersistOp,
-    PreparedProof, Recovered, RejectReason, Replica, Storage,
+    BlockError, CheckpointCert, Config, ConfigError, Error, Event, Input, MemStore, Message,
+    Output, PersistOp, PreparedProof, Recovered, RejectReason, Replica, StableCheckpoint,
+    StateDigest, Storage, checkpoint_digest,
 };
 
 /// Persists what `rep` decided since its output was last taken, then restarts it from `store`.
@@ -203,6 +204,55 @@ fn recovery_error(state: Recovered) -> BlockError {
         Err(other) => panic!("unexpected error {other}"),
         Ok(_) => panic!("damaged state recovered"),
     }
+}
+
+/// A stored checkpoint certified under the other state digest scheme is a configuration
+/// error that names the setting (running on would split the cluster's checkpoints); a state
+/// that matches neither is refused as damaged.
+#[test]
+fn a_checkpoint_certified_under_another_state_digest_names_the_setting() {
+    let rec = stored_after_six();
+    let cp = rec.checkpoint.clone().expect("stable checkpoint 4");
+    let linear = cp.snapshot.digest(StateDigest::Linear);
+    let mut relabelled = rec.clone();
+    relabelled.checkpoint = Some(StableCheckpoint {
+        cert: CheckpointCert {
+            digest: checkpoint_digest(&linear, &cp.block_hash),
+            ..cp.cert.clone()
+        },
+        ..cp.clone()
+    });
+    match try_recover(1, relabelled.clone()) {
+        Err(e @ Error::StateDigestScheme { .. }) => {
+            let m = e.to_string();
+            assert!(
+                m.contains("`linear`") && m.contains("protocol.state_digest"),
+                "{m}"
+            );
+        }
+        Err(other) => panic!("unexpected error {other}"),
+        Ok(_) => panic!("recovered under the wrong scheme"),
+    }
+    // Configured for the scheme it was certified with, it recovers.
+    let cfg = Config {
+        state_digest: StateDigest::Linear,
+        ..config()
+    };
+    let back = Replica::recover(cfg, r(1), Box::new(replica_key(1)), keyring(), relabelled)
+        .expect("recovers under its own scheme");
+    assert_eq!(back.status().last_executed, 6);
+
+    let mut damaged = rec;
+    let mut snapshot = (*cp.snapshot).clone();
+    snapshot.insert(b"planted", b"x");
+    damaged.checkpoint = Some(StableCheckpoint {
+        snapshot: std::sync::Arc::new(snapshot),
+        ..cp
+    });
+    assert!(matches!(
+        try_recover(1, damaged),
+        Err(Error::StateMismatch(4))
+    ));
 }
 
 #[test]

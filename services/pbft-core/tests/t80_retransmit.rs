@@ -84,7 +84,10 @@ fn an_unstable_checkpoint_vote_is_re_sent() {
         c.execute(client, 1);
     }
     let b = c.replica_mut(1);
-    let d = pbft_core::checkpoint_digest(&b.state().digest(), &b.status().head_hash);
+    let d = pbft_core::checkpoint_digest(
+        &b.state().digest(b.config().state_digest),
+        &b.status().head_hash,
+    );
     assert_eq!(b.status().stable_checkpoint, 0);
     let out = tick(b, 30);
     assert!(out.messages.iter().all(|e| e.to == pbft_core::Target::All));

@@ -21,6 +21,28 @@ pub enum TransportKind {
     Tcp,
 }
 
+/// How checkpoints digest the state (`pbft_core::StateDigest`). Every replica of a cluster
+/// must use the same one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StateDigestKind {
+    /// Cached digests of key buckets: a checkpoint costs what was written since the last.
+    #[default]
+    Buckets,
+    /// One hash over the whole state: what clusters created before `buckets` certified
+    /// their checkpoints with.
+    Linear,
+}
+
+impl From<StateDigestKind> for pbft_core::StateDigest {
+    fn from(k: StateDigestKind) -> Self {
+        match k {
+            StateDigestKind::Buckets => pbft_core::StateDigest::Buckets,
+            StateDigestKind::Linear => pbft_core::StateDigest::Linear,
+        }
+    }
+}
+
 /// One replica of the cluster as every member sees it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -106,6 +128,7 @@ pub struct ProtocolConfig {
     pub sync_timeout_ms: u64,
     pub max_request_bytes: usize,
     pub max_pending_requests: usize,
+    pub state_digest: StateDigestKind,
 }
 
 impl Default for ProtocolConfig {
@@ -125,6 +148,7 @@ impl Default for ProtocolConfig {
             sync_timeout_ms: c.sync_timeout,
             max_request_bytes: c.max_request_bytes,
             max_pending_requests: c.max_pending_requests,
+            state_digest: StateDigestKind::default(),
         }
     }
 }
@@ -280,6 +304,7 @@ impl Config {
             sync_timeout: p.sync_timeout_ms,
             max_request_bytes: p.max_request_bytes,
             max_pending_requests: p.max_pending_requests,
+            state_digest: p.state_digest.into(),
         };
         c.validate()?;
         Ok(c)
@@ -356,6 +381,27 @@ mod tests {
         assert_eq!(Config::from_yaml("").unwrap(), Config::default());
         let err = Config::from_yaml("listne: 1.2.3.4:5\n").unwrap_err();
         assert!(err.contains("listne"), "{err}");
+    }
+
+    #[test]
+    fn state_digest_defaults_to_buckets_and_reaches_the_core() {
+        let mut c = Config::from_yaml("replicas: [{public_key: aa, address: 127.0.0.1:1}, {public_key: aa, address: 127.0.0.1:2}, {public_key: aa, address: 127.0.0.1:3}, {public_key: aa, address: 127.0.0.1:4}]\n").unwrap();
+        assert_eq!(
+            c.core_config().unwrap().state_digest,
+            pbft_core::Config::default().state_digest
+        );
+        c.protocol = Config::from_yaml("protocol: {state_digest: linear}\n")
+            .unwrap()
+            .protocol;
+        assert_eq!(
+            c.core_config().unwrap().state_digest,
+            pbft_core::StateDigest::Linear
+        );
+        let err = Config::from_yaml("protocol: {state_digest: sha3}\n").unwrap_err();
+        assert!(
+            err.contains("state_digest") || err.contains("sha3"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -360,7 +360,8 @@ impl Node {
         let interval = Duration::from_secs(1).max(self.digest_cost * DIGEST_DUTY_INVERSE);
         if stale && self.last_digest_at.elapsed() >= interval && self.status.take_digest_request() {
             let started = Instant::now();
-            self.state_digest = self.replica.state().digest().to_hex();
+            let scheme = self.replica.config().state_digest;
+            self.state_digest = self.replica.state().digest(scheme).to_hex();
             self.digest_cost = started.elapsed();
             self.last_digest_height = s.last_executed;
             self.last_digest_at = Instant::now();

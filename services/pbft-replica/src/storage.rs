@@ -1116,11 +1116,9 @@ mod tests {
         let digest = Digest([seq as u8 ^ 0x55; 32]);
         let mut snapshot = Snapshot::default();
         for i in 0..seq {
-            snapshot
-                .entries
-                .insert(format!("k{i}").into_bytes(), vec![i as u8; 3]);
+            snapshot.insert(format!("k{i}").as_bytes(), &[i as u8; 3]);
         }
-        snapshot.clients.insert(
+        snapshot.insert_client(
             ClientId(1),
             ClientRecord {
                 timestamp: seq,
@@ -1400,11 +1398,14 @@ mod tests {
         txn.commit().unwrap();
     }
 
+    /// A store with the script's history, its newest snapshot written (the script's
+    /// snapshots are not states its blocks lead to, so recovery could not rebuild them).
     fn store_with_history(dir: &TempDir) -> RedbStore {
         let mut db = open(dir);
         for ops in script() {
             db.persist(&ops).unwrap();
         }
+        db.flush_snapshots();
         db
     }
 
@@ -1742,6 +1743,15 @@ mod tests {
     /// The stable checkpoint at `seq` of `blocks` as a replica makes it: the state its
     /// batches lead to from genesis, certified by the digest of that state and the head.
     fn real_stable(blocks: &[Block], seq: Seq) -> StableCheckpoint {
+        real_stable_with(blocks, seq, pbft_core::StateDigest::Buckets)
+    }
+
+    /// [`real_stable`] certified under `scheme`.
+    fn real_stable_with(
+        blocks: &[Block],
+        seq: Seq,
+        scheme: pbft_core::StateDigest,
+    ) -> StableCheckpoint {
         let mut kv = pbft_core::KvStore::default();
         for b in &blocks[..seq as usize] {
             kv.execute(&b.batch);
@@ -1750,7 +1760,7 @@ mod tests {
         StableCheckpoint {
             cert: CheckpointCert {
                 seq,
-                digest: pbft_core::checkpoint_digest(&kv.digest(), &block_hash),
+                digest: pbft_core::checkpoint_digest(&kv.digest(scheme), &block_hash),
                 signatures: Vec::new(),
             },
             snapshot: Arc::new(kv.snapshot()),
@@ -1799,6 +1809,53 @@ mod tests {
         txn.commit().unwrap();
         expect(&db);
         db.verify().unwrap();
+    }
+
+    /// The writer writes the first snapshot at once, holds later ones back for the
+    /// interval (keeping only the newest), and writes what it holds when flushed or dropped.
+    #[test]
+    fn snapshots_are_written_at_most_once_per_interval_and_flushed_on_demand() {
+        let dir = TempDir::new().unwrap();
+        let file = dir.path().join("s.snapshot");
+        let written = || snapshot::read(&file).unwrap().map(|s| s.cert.seq);
+        let head = Digest([3; 32]);
+        let writer = snapshot::SnapshotWriter::start(file.clone()).unwrap();
+        writer.submit(stable(5, &head));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while written() != Some(5) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "first snapshot never written"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        writer.submit(stable(10, &head));
+        writer.submit(stable(15, &head));
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert_eq!(written(), Some(5), "a second snapshot within the interval");
+        writer.flush();
+        assert_eq!(written(), Some(15), "flush writes the newest held back");
+        writer.submit(stable(20, &head));
+        drop(writer);
+        assert_eq!(
+            written(),
+            Some(20),
+            "dropping the writer writes what it holds"
+        );
+    }
+
+    /// A store whose cluster certifies checkpoints with the older linear digest rebuilds its
+    /// state as well; whether that is the configured scheme is the core's check.
+    #[test]
+    fn a_checkpoint_certified_with_the_linear_digest_is_rebuilt_too() {
+        let dir = TempDir::new().unwrap();
+        let (mut db, blocks) = store_with_chain(&dir, 12);
+        let at10 = real_stable_with(&blocks, 10, pbft_core::StateDigest::Linear);
+        db.persist(&[PersistOp::Checkpoint(at10.clone())]).unwrap();
+        db.flush_snapshots();
+        std::fs::remove_file(snapshot::path_for(db.path())).unwrap();
+        let r = db.recover().unwrap();
+        assert_eq!(r.checkpoint, Some(at10));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use pbft_core::Config;
+use pbft_core::{Config, StateDigest};
 
 use crate::rng::SimRng;
 
@@ -170,6 +170,11 @@ impl Scenario {
             sync_timeout: 200,
             max_request_bytes: 4096,
             max_pending_requests: 10_000,
+            // From a stream of its own, so adding it kept every older seed's scenario.
+            state_digest: match SimRng::new(seed ^ 0x0d16_e570).range(0, 3) {
+                0 => StateDigest::Linear,
+                _ => StateDigest::Buckets,
+            },
             #[cfg(feature = "mutations")]
             mutation: None,
         };
@@ -361,12 +366,13 @@ impl fmt::Display for Scenario {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "seed={} class={} n={} K={} L={} batch={} clients={}x{} heal_at={} net=[{}..{}ms drop={}% dup={}% partitions={}] crashes={} byzantine={:?} silences={:?}",
+            "seed={} class={} n={} K={} L={} digest={} batch={} clients={}x{} heal_at={} net=[{}..{}ms drop={}% dup={}% partitions={}] crashes={} byzantine={:?} silences={:?}",
             self.seed,
             self.class,
             self.config.n,
             self.config.checkpoint_interval,
             self.config.log_window,
+            self.config.state_digest,
             self.config.max_batch,
             self.clients,
             self.requests_per_client,

@@ -85,6 +85,8 @@ struct ProtocolSection {
     view_change_timeout_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     max_view_change_timeout_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    state_digest: Option<crate::crd::StateDigest>,
 }
 
 impl ProtocolSection {
@@ -100,6 +102,7 @@ impl ProtocolSection {
         ]
         .iter()
         .all(Option::is_none)
+            && self.state_digest.is_none()
     }
 }
 
@@ -118,6 +121,7 @@ pub fn config_yaml(c: &Cluster, keys: &PublicKeys) -> Result<String> {
             max_in_flight: p.max_in_flight,
             view_change_timeout_ms: p.view_change_timeout_ms,
             max_view_change_timeout_ms: p.max_view_change_timeout_ms,
+            state_digest: p.state_digest,
         })
         .unwrap_or_default();
     let n = usize::try_from(c.replicas).unwrap_or(0);
@@ -284,6 +288,7 @@ mod tests {
                 max_in_flight: Some(4),
                 view_change_timeout_ms: Some(900),
                 max_view_change_timeout_ms: Some(9000),
+                state_digest: Some(crate::crd::StateDigest::Linear),
             }),
             ..PbftClusterSpec::default()
         };
@@ -312,6 +317,10 @@ mod tests {
                 p.max_view_change_timeout_ms
             ),
             (16, 64, 100, 0, 4, 900, 9000)
+        );
+        assert_eq!(
+            p.state_digest,
+            pbft_replica::config::StateDigestKind::Linear
         );
         pbft_replica::keys::key_ring(&cfg).unwrap();
     }

@@ -19,7 +19,7 @@ mod view_change;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
-use crate::block::CheckpointCert;
+use crate::block::{CheckpointCert, checkpoint_digest};
 use crate::config::Config;
 use crate::crypto::{ReplicaSig, Signer, Verifier};
 use crate::kv::{KvStore, Snapshot};
@@ -155,11 +155,11 @@ impl Replica {
             return Err(Error::UnknownReplica(id));
         }
         let (stable, kv, head_hash) = match state.checkpoint {
-            Some(cp) => (
-                cp.cert,
-                KvStore::from_snapshot(Arc::unwrap_or_clone(cp.snapshot)),
-                cp.block_hash,
-            ),
+            Some(cp) => {
+                let kv = KvStore::from_snapshot(Arc::unwrap_or_clone(cp.snapshot));
+                check_recovered_state(&cfg, &cp.cert, &kv, &cp.block_hash)?;
+                (cp.cert, kv, cp.block_hash)
+            }
             None => (CheckpointCert::genesis(), KvStore::default(), Digest::ZERO),
         };
         let vc_timeout = cfg.view_change_timeout;
@@ -486,4 +486,31 @@ impl Replica {
     pub fn now(&self) -> Tick {
         self.now
     }
+}
+
+/// Checks a recovered checkpoint's state against its certificate under the configured state
+/// digest. A store certified under the other scheme gets an error naming the setting, since
+/// running on would split the cluster's checkpoints; any other mismatch is corruption.
+fn check_recovered_state(
+    cfg: &Config,
+    cert: &CheckpointCert,
+    kv: &KvStore,
+    head: &Digest,
+) -> Result<()> {
+    if cert.seq == 0 {
+        return Ok(());
+    }
+    let matches = |scheme| checkpoint_digest(&kv.digest(scheme), head) == cert.digest;
+    if matches(cfg.state_digest) {
+        return Ok(());
+    }
+    let other = cfg.state_digest.other();
+    if matches(other) {
+        return Err(Error::StateDigestScheme {
+            seq: cert.seq,
+            configured: cfg.state_digest,
+            found: other,
+        });
+    }
+    Err(Error::StateMismatch(cert.seq))
 }

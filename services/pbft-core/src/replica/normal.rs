@@ -523,7 +523,7 @@ impl Replica {
         }
         let checkpoint_here = height % self.cfg.checkpoint_interval == 0;
         let state_digest = if checkpoint_here {
-            self.kv.digest()
+            self.kv.digest(self.cfg.state_digest)
         } else {
             Digest::ZERO
         };

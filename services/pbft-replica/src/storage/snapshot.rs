@@ -12,18 +12,29 @@
 //! snapshot to a file next to the database (`<db>.snapshot`: written to a temporary file,
 //! synced, renamed, directory synced). Recovery starts from the newest snapshot it has, or
 //! genesis, and replays blocks up to the newest certificate ([`catch_up`]).
+//!
+//! Writing the whole state at every checkpoint (about one a second under load) cost 6 % of
+//! a loaded machine's CPU for nothing but a shorter replay after a crash, so the writer
+//! writes at most one snapshot per [`MIN_INTERVAL`], the newest one certified when it is
+//! due. Recovery then replays at most that long's worth of blocks, which takes a fraction of
+//! the time it took to commit them (no signatures, no network, no disk writes).
 
 use std::fs::File;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use pbft_core::{
-    Block, CheckpointCert, KvStore, Seq, StableCheckpoint, StorageError, checkpoint_digest,
+    Block, CheckpointCert, KvStore, Seq, StableCheckpoint, StateDigest, StorageError,
+    checkpoint_digest,
 };
 use tracing::warn;
 
 use super::{Key, Wire, corrupt, decode, frame};
+
+/// Least time between the starts of two snapshot writes, unless flushed or stopping.
+const MIN_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Name the snapshot file's checksum and errors go by.
 const FILE: &str = "snapshot";
@@ -34,7 +45,8 @@ pub(super) fn path_for(db: &Path) -> PathBuf {
 }
 
 /// Writes snapshots handed to it, newest first: one still waiting when a newer one arrives
-/// is dropped (recovery needs only the newest). Dropping the writer writes what is queued.
+/// is dropped (recovery needs only the newest), and one is written at most every
+/// [`MIN_INTERVAL`]. Flushing or dropping the writer writes what is queued at once.
 pub(super) struct SnapshotWriter {
     shared: Arc<Shared>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -50,6 +62,8 @@ struct Slot {
     pending: Option<StableCheckpoint>,
     busy: bool,
     stop: bool,
+    /// A flush is waiting: write what is pending without waiting for the interval.
+    urgent: bool,
 }
 
 impl Shared {
@@ -85,6 +99,8 @@ impl SnapshotWriter {
     /// Waits until everything queued so far is written (or failed, which is logged).
     pub(super) fn flush(&self) {
         let mut slot = self.shared.lock();
+        slot.urgent = true;
+        self.shared.changed.notify_all();
         while slot.pending.is_some() || slot.busy {
             slot = self
                 .shared
@@ -92,6 +108,7 @@ impl SnapshotWriter {
                 .wait(slot)
                 .unwrap_or_else(|e| e.into_inner());
         }
+        slot.urgent = false;
     }
 }
 
@@ -106,20 +123,40 @@ impl Drop for SnapshotWriter {
 }
 
 fn write_loop(shared: &Shared, file: &Path) {
+    let mut last_started: Option<Instant> = None;
     loop {
         let stable = {
             let mut slot = shared.lock();
-            while slot.pending.is_none() && !slot.stop {
-                slot = shared.changed.wait(slot).unwrap_or_else(|e| e.into_inner());
+            loop {
+                let wait = match (&slot.pending, last_started) {
+                    (None, _) if slot.stop => return,
+                    (None, _) => None,
+                    (Some(_), _) if slot.stop || slot.urgent => break,
+                    (Some(_), None) => break,
+                    (Some(_), Some(t)) => match MIN_INTERVAL.checked_sub(t.elapsed()) {
+                        None => break,
+                        Some(left) if left.is_zero() => break,
+                        left => left,
+                    },
+                };
+                slot = match wait {
+                    None => shared.changed.wait(slot).unwrap_or_else(|e| e.into_inner()),
+                    Some(left) => {
+                        shared
+                            .changed
+                            .wait_timeout(slot, left)
+                            .unwrap_or_else(|e| e.into_inner())
+                            .0
+                    }
+                };
             }
-            match slot.pending.take() {
-                Some(s) => {
-                    slot.busy = true;
-                    s
-                }
-                None => return,
-            }
+            let Some(s) = slot.pending.take() else {
+                continue;
+            };
+            slot.busy = true;
+            s
         };
+        last_started = Some(Instant::now());
         if let Err(e) = write(file, &stable) {
             // Not fatal: recovery replays blocks from an older snapshot instead.
             warn!(seq = stable.cert.seq, error = %e, file = %file.display(), "writing the checkpoint snapshot failed");
@@ -199,7 +236,12 @@ pub(super) fn catch_up(
             ),
         ));
     }
-    if checkpoint_digest(&kv.digest(), &head) != cert.digest {
+    // Either digest scheme proves the rebuilt state is the certified one; whether it is the
+    // scheme this replica is configured for is the core's check when it recovers.
+    let certified = [StateDigest::Buckets, StateDigest::Linear]
+        .into_iter()
+        .any(|scheme| checkpoint_digest(&kv.digest(scheme), &head) == cert.digest);
+    if !certified {
         return Err(corrupt(
             "checkpoints",
             here,
