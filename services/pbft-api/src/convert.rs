@@ -317,7 +317,7 @@ impl Wire for Batch {
 
     fn to_pb(&self) -> pb::Batch {
         pb::Batch {
-            requests: to_pb_list(&self.requests),
+            requests: to_pb_list(self.requests()),
         }
     }
 

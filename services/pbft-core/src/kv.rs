@@ -343,7 +343,7 @@ impl KvStore {
     /// than the client's last executed one.
     pub fn execute(&mut self, batch: &Batch) -> Vec<Executed> {
         batch
-            .requests
+            .requests()
             .iter()
             .map(|r| {
                 let last = self.state.client(r.client).map(|c| c.timestamp);

@@ -633,7 +633,7 @@ fn proposed(out: &Output) -> Vec<Request> {
     out.messages
         .iter()
         .filter_map(|e| match &e.msg {
-            Message::PrePrepare(m) => Some(m.body.batch.requests.clone()),
+            Message::PrePrepare(m) => Some(m.body.batch.requests().to_vec()),
             _ => None,
         })
         .flatten()

@@ -1512,7 +1512,7 @@ mod tests {
         let marker = b"MARKER-a1b2c3d4e5f6-MARKER";
         let mut db = RedbStore::open(&path).unwrap();
         let mut b = block(1, Digest::ZERO);
-        b.batch.requests[0].op = Operation::Put {
+        b.batch.requests_mut()[0].op = Operation::Put {
             key: marker.to_vec(),
             value: b"x".to_vec(),
         };

@@ -421,7 +421,7 @@ impl Adversary {
 /// A different batch built from the same requests: reversed, or empty if that changes
 /// nothing.
 fn alternative_batch(batch: &Batch) -> Batch {
-    let mut requests = batch.requests.clone();
+    let mut requests = batch.requests().to_vec();
     if requests.len() > 1 {
         requests.reverse();
     } else {
@@ -431,9 +431,10 @@ fn alternative_batch(batch: &Batch) -> Batch {
 }
 
 fn forge_block(b: &mut Block) {
-    b.batch.requests.reverse();
-    if b.batch.requests.len() < 2 {
-        b.batch.requests.clear();
+    let requests = b.batch.requests_mut();
+    requests.reverse();
+    if requests.len() < 2 {
+        requests.clear();
     }
     b.results_digest = Digest([9; 32]);
 }

@@ -238,7 +238,7 @@ impl Replica {
         let (view, seq, digest) = (pp.body.view, pp.body.seq, pp.body.digest);
         self.next_seq = self.next_seq.max(seq + 1);
         // Its requests are still owed an execution: time them again, as on acceptance.
-        self.expect_batch(&pp.body.batch.requests);
+        self.expect_batch(pp.body.batch.requests());
         let prepare = (!self.is_primary()).then(|| {
             self.sign(crate::message::Prepare {
                 view,

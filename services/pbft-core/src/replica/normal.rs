@@ -326,7 +326,7 @@ impl Replica {
         // are checked in one batch.
         let unchecked: Vec<&Request> = pp
             .batch
-            .requests
+            .requests()
             .iter()
             .filter(|r| !self.is_waiting(r))
             .collect();
@@ -347,7 +347,7 @@ impl Replica {
     /// for those a new-view message carries.
     pub(super) fn accept_pre_prepare(&mut self, m: Signed<PrePrepare>) {
         let (view, seq, digest) = (m.body.view, m.body.seq, m.body.digest);
-        self.expect_batch(&m.body.batch.requests);
+        self.expect_batch(m.body.batch.requests());
         self.persist(PersistOp::Accepted(m.clone()));
         self.slot(seq).pre_prepare = Some(m);
         if !self.is_primary() {
@@ -510,7 +510,7 @@ impl Replica {
     ) -> Block {
         let height = self.last_executed + 1;
         let results = self.kv.execute(&batch);
-        for r in &batch.requests {
+        for r in batch.requests() {
             self.executed_for_client(r);
             self.proposed.remove(&(r.client, r.timestamp));
         }
