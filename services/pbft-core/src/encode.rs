@@ -37,7 +37,13 @@ pub struct Encoder {
 impl Encoder {
     /// Starts an encoding with a domain tag.
     pub fn new(tag: u8) -> Self {
-        let mut buf = Vec::with_capacity(128);
+        Self::with_capacity(tag, 128)
+    }
+
+    /// Starts an encoding expected to take about `capacity` bytes, so that a large one is
+    /// not copied each time its buffer doubles.
+    pub fn with_capacity(tag: u8, capacity: usize) -> Self {
+        let mut buf = Vec::with_capacity(capacity.max(1));
         buf.push(tag);
         Encoder { buf }
     }

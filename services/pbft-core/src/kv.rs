@@ -87,7 +87,12 @@ struct Bucket {
 impl Bucket {
     fn digest(&self) -> Digest {
         *self.digest.get_or_init(|| {
-            let mut e = Encoder::new(tag::STATE_BUCKET);
+            let size: usize = self
+                .entries
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 16)
+                .sum();
+            let mut e = Encoder::with_capacity(tag::STATE_BUCKET, size + 16);
             e.u64(self.entries.len() as u64);
             for (k, v) in &self.entries {
                 e.bytes(k).bytes(v);
@@ -244,7 +249,11 @@ impl Snapshot {
     }
 
     fn bucket_digest(&self) -> Digest {
-        let mut e = Encoder::new(tag::STATE_BUCKETS);
+        let filled = self.buckets.iter().flatten().count();
+        let mut e = Encoder::with_capacity(
+            tag::STATE_BUCKETS,
+            64 + filled * 40 + self.clients.len() * 64,
+        );
         e.u64(BUCKETS as u64).u64(self.len as u64);
         for (i, b) in self.buckets.iter().enumerate() {
             if let Some(b) = b {

@@ -1,6 +1,6 @@
 //! Client requests, their results, and the batches the primary orders.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use crate::crypto::{ClientSig, Signer, Verifier};
 use crate::encode::{Encoder, tag};
@@ -60,6 +60,10 @@ impl Operation {
     }
 }
 
+/// Bytes a request's encoding takes beyond its payload, at most: client, timestamp, operation
+/// tag, length prefixes and signature.
+const ENCODING_OVERHEAD: usize = 128;
+
 /// A signed client request. `timestamp` orders one client's requests: a replica executes a
 /// request only if its timestamp is above the last one it executed for that client, which
 /// makes client retries idempotent.
@@ -74,7 +78,7 @@ pub struct Request {
 impl Request {
     /// The bytes a client signs.
     pub fn signing_bytes(client: ClientId, timestamp: u64, op: &Operation) -> Vec<u8> {
-        let mut e = Encoder::new(tag::REQUEST);
+        let mut e = Encoder::with_capacity(tag::REQUEST, op.payload_len() + ENCODING_OVERHEAD);
         e.u64(client.0).u64(timestamp);
         op.encode(&mut e);
         e.finish()
@@ -168,7 +172,9 @@ pub struct Reply {
 /// The empty batch is the "null request" a new primary uses to fill gaps.
 #[derive(Clone, Debug, Default)]
 pub struct Batch {
-    requests: Vec<Request>,
+    /// Shared: a batch is copied into its slot, its stored pre-prepare, its block and the
+    /// block's stored copy, and each deep copy cost an allocation per request.
+    requests: Arc<Vec<Request>>,
     /// The digest, once computed: a batch's digest is asked for when it is checked, stored,
     /// and hashed into its block, and hashing every request each time was 4-5 % of a loaded
     /// backup. Cleared by [`Batch::requests_mut`], the only way to change the requests.
@@ -186,7 +192,7 @@ impl Eq for Batch {}
 impl Batch {
     pub fn new(requests: Vec<Request>) -> Self {
         Batch {
-            requests,
+            requests: Arc::new(requests),
             digest: OnceLock::new(),
         }
     }
@@ -196,22 +202,27 @@ impl Batch {
     }
 
     pub fn into_requests(self) -> Vec<Request> {
-        self.requests
+        Arc::unwrap_or_clone(self.requests)
     }
 
     /// The requests, to change (tests and Byzantine replicas in the simulator); forgets the
     /// cached digest.
     pub fn requests_mut(&mut self) -> &mut Vec<Request> {
         self.digest.take();
-        &mut self.requests
+        Arc::make_mut(&mut self.requests)
     }
 
     /// The digest every phase message refers to; it binds the exact requests and signatures.
     pub fn digest(&self) -> Digest {
         *self.digest.get_or_init(|| {
-            let mut e = Encoder::new(tag::BATCH);
+            let size = self
+                .requests
+                .iter()
+                .map(|r| r.op.payload_len() + ENCODING_OVERHEAD)
+                .sum();
+            let mut e = Encoder::with_capacity(tag::BATCH, size);
             e.u64(self.requests.len() as u64);
-            for r in &self.requests {
+            for r in self.requests.iter() {
                 r.encode(&mut e);
             }
             e.hash()
