@@ -219,7 +219,7 @@ pub async fn run(
         ring.clone(),
         recovered,
     )
-    .context("stored state is inconsistent; refusing to start")?;
+    .context("cannot resume from the stored state; refusing to start")?;
     let st = replica.status();
     info!(id, view = st.view, height = st.last_executed, "recovered");
 
