@@ -10,6 +10,8 @@ WARMUP=${WARMUP:-2}
 CONCURRENCY=${CONCURRENCY:-64}
 OUT=target/bench
 mkdir -p "$OUT"
+# The commit measured, so a report regenerated later (new notes) still names it.
+git rev-parse --short HEAD > "$OUT/commit"
 rm -rf "$OUT"/n*
 cargo build --release -q -p pbft-replica -p pbft-client
 cargo run --release -q -p pbft-core --example crypto_cost -- --json "$OUT/crypto.json"

@@ -34,7 +34,9 @@ print("# Benchmarks\n")
 print("Written by `make bench` (`scripts/bench.sh`); rerun it to refresh. Every figure below")
 print("comes from one run on one machine, replicas and load generator sharing it.\n")
 print(f"- machine: {os.cpu_count()} cores, {cpu()}, {platform.system()} {platform.release()}")
-commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+commit_file = os.path.join(out, "commit")
+commit = (open(commit_file).read().strip() if os.path.exists(commit_file) else
+          subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip())
 print(f"- commit: {commit}; release build; requests are signed (ed25519), ordered, executed and fsync'd")
 print("- command: `make bench` (closed loop with 64 requests in flight unless the row says 256, "
       "one shared set of connections for all load clients; 2 s warm-up, 10 s measured)\n")

@@ -922,7 +922,19 @@ def main() -> int:
                 bigger = copy.deepcopy(base)
                 bigger["spec"]["storage"] = {"size": "50Gi"}
                 expect(check_custom_resource(crd, bigger, old=base), "an update of spec.storage must be refused")
-                updates = 2
+                # The state digest: setting it on a cluster created before it existed is the
+                # upgrade path; changing it once set would split the cluster's checkpoints.
+                linear = copy.deepcopy(base)
+                linear["spec"].setdefault("protocol", {})["stateDigest"] = "linear"
+                old_cluster = copy.deepcopy(base)
+                old_cluster["spec"].get("protocol", {}).pop("stateDigest", None)
+                problems = check_custom_resource(crd, linear, old=old_cluster)
+                expect(not problems, f"setting protocol.stateDigest on an older cluster must be accepted: {problems}")
+                buckets = copy.deepcopy(linear)
+                buckets["spec"]["protocol"]["stateDigest"] = "buckets"
+                expect(check_custom_resource(crd, buckets, old=linear),
+                       "changing protocol.stateDigest once set must be refused")
+                updates = 4
             return (f"refused all {len(cases)} broken objects; accepted an empty spec and tls alone (defaults); "
                     f"{n_transition} transition rule(s) checked on {updates} updates")
         r.check("CRD check refuses broken PbftClusters", crd_check_has_teeth)

@@ -263,6 +263,7 @@ pub struct ProtocolSpec {
     /// How checkpoints digest the state (cluster-wide): `buckets` (the default) or `linear`,
     /// which clusters created before `buckets` must keep.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("stateDigest cannot change once set: every stored checkpoint and checkpoint block records the digest the cluster was created with"))]
     pub state_digest: Option<StateDigest>,
 }
 

@@ -65,7 +65,7 @@ pub enum Error {
     #[error(transparent)]
     Storage(#[from] StorageError),
     #[error(
-        "the stored checkpoint at {seq} was certified with the `{found}` state digest, but this replica is configured for `{configured}`: every replica of a cluster must use the same one (clusters created before the `buckets` digest use `linear`; set `protocol.state_digest`)"
+        "the stored checkpoint at {seq} was certified with the `{found}` state digest, but this replica is configured for `{configured}`: a cluster keeps the digest it was created with, on every replica (set `protocol.state_digest: {found}` in the replica config; on Kubernetes, `spec.protocol.stateDigest: {found}`)"
     )]
     StateDigestScheme {
         seq: Seq,

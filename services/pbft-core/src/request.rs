@@ -170,7 +170,7 @@ pub struct Reply {
 
 /// An ordered batch of requests: the unit the protocol agrees on for one sequence number.
 /// The empty batch is the "null request" a new primary uses to fill gaps.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct Batch {
     /// Shared: a batch is copied into its slot, its stored pre-prepare, its block and the
     /// block's stored copy, and each deep copy cost an allocation per request.
@@ -188,6 +188,15 @@ impl PartialEq for Batch {
 }
 
 impl Eq for Batch {}
+
+/// The requests alone: whether the digest was computed yet is not part of the batch.
+impl std::fmt::Debug for Batch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batch")
+            .field("requests", &self.requests)
+            .finish()
+    }
+}
 
 impl Batch {
     pub fn new(requests: Vec<Request>) -> Self {

@@ -226,7 +226,7 @@ fn a_checkpoint_certified_under_another_state_digest_names_the_setting() {
         Err(e @ Error::StateDigestScheme { .. }) => {
             let m = e.to_string();
             assert!(
-                m.contains("`linear`") && m.contains("protocol.state_digest"),
+                m.contains("protocol.state_digest: linear") && m.contains("stateDigest: linear"),
                 "{m}"
             );
         }

@@ -16,8 +16,9 @@
 //! Writing the whole state at every checkpoint (about one a second under load) cost 6 % of
 //! a loaded machine's CPU for nothing but a shorter replay after a crash, so the writer
 //! writes at most one snapshot per [`MIN_INTERVAL`], the newest one certified when it is
-//! due. Recovery then replays at most that long's worth of blocks, which takes a fraction of
-//! the time it took to commit them (no signatures, no network, no disk writes).
+//! due. Recovery then replays about that long's worth of blocks up to the newest
+//! certificate (more if a write failed), which takes a fraction of the time it took to
+//! commit them (no signatures, no network, no disk writes).
 
 use std::fs::File;
 use std::io::Write as _;
