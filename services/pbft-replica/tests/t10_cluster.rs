@@ -236,6 +236,63 @@ on_transports!(
 );
 
 /// A damaged database stops start-up with a clear error instead of serving wrong data.
+/// A replica whose store holds a checkpoint certified under the cluster's state digest,
+/// restarted with the other one configured, refuses to start and names the setting and the
+/// value to set (running on would split the cluster's checkpoints); with the setting put
+/// back it rejoins.
+#[test]
+fn a_replica_configured_for_another_state_digest_refuses_to_start() {
+    let mut c = Cluster::start("grpc");
+    c.wait_all_ready();
+    let rt = rt();
+    let client = rt.block_on(c.client(0));
+    // Checkpoint interval 8: twelve sequential puts make checkpoint 8 stable everywhere.
+    put_many(&rt, &client, "a", 12);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c.metric(1, "pbft_stable_checkpoint", "") < 8.0 {
+        assert!(
+            Instant::now() < deadline,
+            "checkpoint 8 never became stable at replica 1"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    c.kill(1);
+    let config = c.dir.path().join("replica-1.yaml");
+    let original = std::fs::read_to_string(&config).expect("config");
+    let linear = original.replacen("protocol:\n", "protocol:\n  state_digest: linear\n", 1);
+    assert_ne!(linear, original, "the test config has a protocol section");
+    std::fs::write(&config, &linear).expect("write config");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pbft-replica"))
+        .arg("--config")
+        .arg(&config)
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("run");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("replica started under the other state digest");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().expect("output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("certified with the `buckets` state digest")
+            && stderr.contains("protocol.state_digest: buckets"),
+        "the error names the setting and the value:\n{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    std::fs::write(&config, &original).expect("restore config");
+    c.start_replica(1);
+    c.wait_ready(1, Duration::from_secs(20));
+    put_many(&rt, &client, "b", 3);
+    c.wait_agree(&[0, 1, 2, 3], 15, Duration::from_secs(30));
+}
+
 #[test]
 fn damaged_database_refuses_to_start() {
     let mut c = Cluster::start("grpc");
