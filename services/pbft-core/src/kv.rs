@@ -267,7 +267,8 @@ impl Snapshot {
     fn linear_digest(&self) -> Digest {
         let mut sorted: Vec<(&[u8], &[u8])> = self.entries().collect();
         sorted.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        let mut e = Encoder::new(tag::STATE);
+        let size: usize = sorted.iter().map(|(k, v)| k.len() + v.len() + 16).sum();
+        let mut e = Encoder::with_capacity(tag::STATE, size + 64 + self.clients.len() * 64);
         e.u64(sorted.len() as u64);
         for (k, v) in sorted {
             e.bytes(k).bytes(v);

@@ -262,30 +262,12 @@ fn a_replica_configured_for_another_state_digest_refuses_to_start() {
     let linear = original.replacen("protocol:\n", "protocol:\n  state_digest: linear\n", 1);
     assert_ne!(linear, original, "the test config has a protocol section");
     std::fs::write(&config, &linear).expect("write config");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pbft-replica"))
-        .arg("--config")
-        .arg(&config)
-        .stderr(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("run");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while child.try_wait().expect("wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("replica started under the other state digest");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let out = child.wait_with_output().expect("output");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
+    let stderr = refused_start(&config, "replica started under the other state digest");
     assert!(
         stderr.contains("certified with the `buckets` state digest")
             && stderr.contains("protocol.state_digest: buckets"),
         "the error names the setting and the value:\n{stderr}"
     );
-    assert!(!stderr.contains("panicked"), "{stderr}");
     std::fs::write(&config, &original).expect("restore config");
     c.start_replica(1);
     c.wait_ready(1, Duration::from_secs(20));
@@ -310,9 +292,22 @@ fn damaged_database_refuses_to_start() {
         .open(&db)
         .and_then(|f| f.set_len(len / 2))
         .expect("truncate");
+    let stderr = refused_start(
+        &c.dir.path().join("replica-1.yaml"),
+        "replica started on a damaged database",
+    );
+    assert!(
+        stderr.contains("error:") && (stderr.contains("damaged") || stderr.contains("corrupt")),
+        "clear error expected:\n{stderr}"
+    );
+}
+
+/// Runs a replica on `config` and expects it to exit with an error within 20 s, never a
+/// panic (`started` is the failure message if it keeps running); returns its stderr.
+fn refused_start(config: &std::path::Path, started: &str) -> String {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pbft-replica"))
         .arg("--config")
-        .arg(c.dir.path().join("replica-1.yaml"))
+        .arg(config)
         .stderr(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .spawn()
@@ -321,19 +316,13 @@ fn damaged_database_refuses_to_start() {
     while child.try_wait().expect("wait").is_none() {
         if Instant::now() > deadline {
             let _ = child.kill();
-            panic!("replica started on a damaged database");
+            panic!("{started}");
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     let out = child.wait_with_output().expect("output");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "must not start on damaged data:\n{stderr}"
-    );
-    assert!(
-        stderr.contains("error:") && (stderr.contains("damaged") || stderr.contains("corrupt")),
-        "clear error expected:\n{stderr}"
-    );
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "must not start:\n{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
+    stderr
 }
