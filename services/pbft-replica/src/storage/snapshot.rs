@@ -129,33 +129,32 @@ fn write_loop(shared: &Shared, file: &Path) {
         let stable = {
             let mut slot = shared.lock();
             loop {
-                let wait = match (&slot.pending, last_started) {
-                    (None, _) if slot.stop => return,
-                    (None, _) => None,
-                    (Some(_), _) if slot.stop || slot.urgent => break,
-                    (Some(_), None) => break,
-                    (Some(_), Some(t)) => match MIN_INTERVAL.checked_sub(t.elapsed()) {
-                        None => break,
-                        Some(left) if left.is_zero() => break,
-                        left => left,
-                    },
-                };
-                slot = match wait {
-                    None => shared.changed.wait(slot).unwrap_or_else(|e| e.into_inner()),
-                    Some(left) => {
-                        shared
-                            .changed
-                            .wait_timeout(slot, left)
-                            .unwrap_or_else(|e| e.into_inner())
-                            .0
+                if slot.pending.is_none() {
+                    if slot.stop {
+                        return;
                     }
+                    slot = shared.changed.wait(slot).unwrap_or_else(|e| e.into_inner());
+                    continue;
+                }
+                // Time left before the next write is due; none when flushing or stopping.
+                let left = match last_started {
+                    Some(t) if !slot.stop && !slot.urgent => {
+                        MIN_INTERVAL.saturating_sub(t.elapsed())
+                    }
+                    _ => Duration::ZERO,
                 };
+                if left.is_zero() {
+                    if let Some(s) = slot.pending.take() {
+                        slot.busy = true;
+                        break s;
+                    }
+                }
+                slot = shared
+                    .changed
+                    .wait_timeout(slot, left)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
             }
-            let Some(s) = slot.pending.take() else {
-                continue;
-            };
-            slot.busy = true;
-            s
         };
         last_started = Some(Instant::now());
         if let Err(e) = write(file, &stable) {
