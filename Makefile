@@ -64,7 +64,7 @@ e2e: ## End to end on a real Kubernetes (kind): image, helm install, Ready, put/
 sim-demo: ## The same cluster in one process over the simulator's network (virtual time)
 	$(CARGO) run --quiet -p pbft-sim -- demo
 
-test: deps ## Run all tests (unit, handler, 1,024 simulated scenarios, multi-process, teeth, doc tests)
+test: deps ## Run all tests (unit, handler, 1,088 simulated scenarios, multi-process, teeth, doc tests)
 	$(CARGO) test --workspace --doc --quiet
 	$(CARGO) nextest run -p pbft-sim --features mutations --test teeth
 	@# Last, so the closing summary line counts every test of the workspace.
@@ -73,6 +73,7 @@ test: deps ## Run all tests (unit, handler, 1,024 simulated scenarios, multi-pro
 teeth: ## Break a quorum rule on purpose and show the simulator catching it
 	-$(CARGO) run --quiet -p pbft-sim --features mutations -- --mutation weak-quorum --seeds 50 2>&1 | head -4
 	-$(CARGO) run --quiet -p pbft-sim --features mutations -- --mutation skip-digest-check --seeds 50 2>&1 | head -4
+	-$(CARGO) run --quiet -p pbft-sim --features mutations -- --mutation skip-vouch-check --seeds 170 2>&1 | head -4
 
 lint: check-core-deps ## fmt --check, clippy -D warnings, core dependency rule
 	$(CARGO) fmt --all -- --check

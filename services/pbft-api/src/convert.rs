@@ -363,6 +363,7 @@ impl Wire for Prepare {
             sequence: self.seq,
             digest: self.digest.0.to_vec(),
             replica_id: self.replica.0,
+            unvouched: !self.vouches,
         }
     }
 
@@ -372,6 +373,7 @@ impl Wire for Prepare {
             seq: pb.sequence,
             digest: digest("Prepare.digest", &pb.digest)?,
             replica: ReplicaId(pb.replica_id),
+            vouches: !pb.unvouched,
         })
     }
 }
@@ -944,6 +946,7 @@ mod tests {
                         seq,
                         digest: pre_prepare.body.digest,
                         replica: ReplicaId(r),
+                        vouches: true,
                     };
                     Signed::sign(body, self.key(ReplicaId(r)))
                 })

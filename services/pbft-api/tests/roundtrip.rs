@@ -82,6 +82,7 @@ fn signed_prepare(replica_id: u32) -> pb::SignedPrepare {
             sequence: 42,
             digest: digest(0xAA),
             replica_id,
+            unvouched: false,
         }),
         signature: signature(0x02),
     }

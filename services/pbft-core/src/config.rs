@@ -27,6 +27,10 @@ pub struct Config {
     pub view_change_timeout: Tick,
     /// Cap for the doubling view-change timeout.
     pub max_view_change_timeout: Tick,
+    /// Ticks a backup that did not check a batch's client signatures waits for the batch's
+    /// designated vouchers before it checks them itself (and, for a while, checks every
+    /// batch those vouchers were due to vouch for). See `replica::vouch`.
+    pub vouch_timeout: Tick,
     /// Ticks without progress after which a replica re-sends its own votes for open slots.
     pub retransmit_interval: Tick,
     /// Ticks between status announcements: each replica re-broadcasts its latest checkpoint
@@ -56,6 +60,9 @@ pub enum Mutation {
     WeakQuorum,
     /// Accept a pre-prepare without checking that its digest matches its batch.
     SkipDigestCheck,
+    /// Prepare with 2f matching prepares whether or not f of them vouch for the batch's
+    /// client signatures.
+    SkipVouchCheck,
 }
 
 impl Default for Config {
@@ -69,6 +76,7 @@ impl Default for Config {
             max_in_flight: 8,
             view_change_timeout: 2_000,
             max_view_change_timeout: 60_000,
+            vouch_timeout: 50,
             retransmit_interval: 500,
             status_interval: 2_000,
             sync_chunk: 256,
@@ -132,6 +140,7 @@ impl Config {
             ("max_batch", self.max_batch as u64),
             ("max_in_flight", self.max_in_flight),
             ("view_change_timeout", self.view_change_timeout),
+            ("vouch_timeout", self.vouch_timeout),
             ("retransmit_interval", self.retransmit_interval),
             ("status_interval", self.status_interval),
             ("sync_chunk", u64::from(self.sync_chunk)),

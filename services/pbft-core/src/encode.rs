@@ -26,6 +26,7 @@ pub(crate) mod tag {
     pub const STATUS: u8 = 13;
     pub const STATE_BUCKETS: u8 = 14;
     pub const STATE_BUCKET: u8 = 15;
+    pub const PREPARE_UNVOUCHED: u8 = 16;
 }
 
 /// Appends fixed-width big-endian integers and length-prefixed byte strings.

@@ -81,11 +81,25 @@ pub struct Prepare {
     pub seq: Seq,
     pub digest: Digest,
     pub replica: ReplicaId,
+    /// The sender vouches that every request in the batch carries its client's valid
+    /// signature: it checked them, or learnt it from f+1 vouchers. A prepared certificate
+    /// needs f vouching prepares besides the primary's pre-prepare (see
+    /// `replica::vouch`), so at least one correct replica checked every batch that commits,
+    /// while most replicas need not check any given batch.
+    pub vouches: bool,
 }
 
 impl Signable for Prepare {
+    /// A vouching prepare is signed exactly as prepares were before vouching existed (every
+    /// replica then checked every batch before preparing, so those prepares did vouch); an
+    /// unvouched one under its own tag, so one can never pass for the other.
     fn signing_bytes(&self) -> Vec<u8> {
-        let mut e = Encoder::new(tag::PREPARE);
+        let kind = if self.vouches {
+            tag::PREPARE
+        } else {
+            tag::PREPARE_UNVOUCHED
+        };
+        let mut e = Encoder::new(kind);
         e.u64(self.view)
             .u64(self.seq)
             .digest(&self.digest)

@@ -67,6 +67,10 @@ pub enum Event {
     SyncStarted { from: Seq, target: Seq },
     /// An input was refused.
     Rejected { reason: RejectReason },
+    /// The designated vouchers of the batch at `seq` did not vouch within the vouch
+    /// timeout, so this replica checked it itself: `valid` says whether it held (if not,
+    /// the primary proposed a forged request).
+    VouchTimeout { seq: Seq, valid: bool },
 }
 
 /// What the adapter must do after feeding inputs, in this order: make `persist` durable, then

@@ -168,21 +168,40 @@ fn backup_forwards_a_client_request_to_the_primary_once() {
     assert_eq!(b2.status().pending_requests, 1);
 }
 
-#[test]
-fn backup_accepts_a_pre_prepare_and_broadcasts_its_prepare() {
-    let mut b = replica(1);
+/// Replica `id` accepts the pre-prepare of sequence 1 in view 0 and broadcasts its prepare,
+/// vouching or not; returns how many requests it now times.
+fn accepts_and_prepares(id: u32, vouches: bool) -> usize {
+    let mut b = replica(id);
     let pp = pre_prepare(0, 1, batch(&[put_req(1, 1)]));
+    let d = pp.body.digest;
+    let prepare = if vouches {
+        prepare(0, 1, d, id)
+    } else {
+        unvouched_prepare(0, 1, d, id)
+    };
     let out = deliver(&mut b, 0, Message::PrePrepare(pp.clone()));
     assert_eq!(
         out,
         Output {
-            persist: vec![PersistOp::Accepted(pp.clone())],
-            messages: vec![to_all(Message::Prepare(prepare(0, 1, pp.body.digest, 1)))],
+            persist: vec![PersistOp::Accepted(pp)],
+            messages: vec![to_all(Message::Prepare(prepare))],
             ..Output::default()
         }
     );
-    // The request in the batch now runs this backup's view-change timer.
-    assert_eq!(b.status().pending_requests, 1);
+    b.status().pending_requests
+}
+
+#[test]
+fn a_designated_backup_checks_the_batch_and_its_prepare_vouches() {
+    // In view 0 the batch at sequence 1 is replica 2's to vouch for (n = 4, f = 1). The
+    // request in the batch now runs its view-change timer.
+    assert_eq!(accepts_and_prepares(2, true), 1);
+}
+
+#[test]
+fn another_backup_prepares_without_checking_and_without_timing_the_requests() {
+    // Unchecked requests run no timer: a forged one would wait here for ever.
+    assert_eq!(accepts_and_prepares(1, false), 0);
 }
 
 #[test]
@@ -191,10 +210,12 @@ fn backup_is_prepared_with_its_own_and_one_more_prepare_and_commits() {
     let pp = pre_prepare(0, 1, batch(&[put_req(1, 1)]));
     let d = pp.body.digest;
     deliver(&mut b, 0, Message::PrePrepare(pp.clone()));
+    // Replica 2's prepare vouches (it is the designated voucher): with the primary's that
+    // makes f + 1 vouchers.
     let out = deliver(&mut b, 2, Message::Prepare(prepare(0, 1, d, 2)));
     let proof = PreparedProof {
         pre_prepare: pp,
-        prepares: vec![prepare(0, 1, d, 1), prepare(0, 1, d, 2)],
+        prepares: vec![prepare(0, 1, d, 2), unvouched_prepare(0, 1, d, 1)],
     };
     assert_eq!(
         out,
@@ -204,6 +225,8 @@ fn backup_is_prepared_with_its_own_and_one_more_prepare_and_commits() {
             ..Output::default()
         }
     );
+    // Prepared, the batch is known valid: its request is timed now.
+    assert_eq!(b.status().pending_requests, 1);
     // A third prepare changes nothing: the slot is prepared once.
     assert_eq!(
         deliver(&mut b, 3, Message::Prepare(prepare(0, 1, d, 3))),
@@ -236,14 +259,14 @@ fn prepares_that_arrive_before_the_pre_prepare_count_once_it_does() {
     let out = deliver(&mut b, 0, Message::PrePrepare(pp.clone()));
     let proof = PreparedProof {
         pre_prepare: pp.clone(),
-        prepares: vec![prepare(0, 1, d, 1), prepare(0, 1, d, 2)],
+        prepares: vec![prepare(0, 1, d, 2), unvouched_prepare(0, 1, d, 1)],
     };
     assert_eq!(
         out,
         Output {
             persist: vec![PersistOp::Accepted(pp), PersistOp::Prepared(proof)],
             messages: vec![
-                to_all(Message::Prepare(prepare(0, 1, d, 1))),
+                to_all(Message::Prepare(unvouched_prepare(0, 1, d, 1))),
                 to_all(Message::Commit(commit(0, 1, d, 1))),
             ],
             ..Output::default()

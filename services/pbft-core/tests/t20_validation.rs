@@ -401,7 +401,8 @@ fn batch_over_max_batch_is_malformed() {
 
 #[test]
 fn pre_prepare_carrying_a_bad_request_is_refused_for_it() {
-    let mut b = replica(1);
+    // By the designated voucher of sequence 1 (the others refuse it later: t15_vouching).
+    let mut b = replica(2);
     let mut forged = put_req(1, 1);
     forged.timestamp = 2;
     let out = deliver(
@@ -685,7 +686,8 @@ fn a_full_batch_of_fresh_requests_is_verified_and_prepared() {
 
 #[test]
 fn one_forged_request_in_a_full_batch_refuses_the_pre_prepare() {
-    let mut b = replica(1);
+    // Replica 2 is the designated voucher of sequence 1 in view 0: it checks before preparing.
+    let mut b = replica(2);
     let mut requests: Vec<Request> = (1..=4).map(|c| put_req(c, 1)).collect();
     requests[2].timestamp = 9;
     let out = deliver(

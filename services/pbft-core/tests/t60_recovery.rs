@@ -146,7 +146,8 @@ fn a_restarted_primary_does_not_reuse_sequence_numbers_it_proposed() {
 
 #[test]
 fn prepared_certificates_survive_a_restart_into_the_next_view_change() {
-    let mut b = replica(1);
+    // Replica 2 vouches for seq 1 (as replica 1's prepare in the proof does).
+    let mut b = replica(2);
     let mut store = MemStore::new();
     let proof = prepared_proof(0, 1, batch(&[put_req(1, 1)]));
     b.handle(Input::Receive {
@@ -154,15 +155,15 @@ fn prepared_certificates_survive_a_restart_into_the_next_view_change() {
         msg: Message::PrePrepare(proof.pre_prepare.clone()),
     });
     b.handle(Input::Receive {
-        from: from(2),
-        msg: Message::Prepare(proof.prepares[1].clone()),
+        from: from(1),
+        msg: Message::Prepare(proof.prepares[0].clone()),
     });
-    let mut back = restart(1, &mut store, &mut b);
-    deliver(&mut back, 2, Message::ViewChange(view_change(2, 1, vec![])));
+    let mut back = restart(2, &mut store, &mut b);
+    deliver(&mut back, 1, Message::ViewChange(view_change(1, 1, vec![])));
     let out = deliver(&mut back, 3, Message::ViewChange(view_change(3, 1, vec![])));
     assert_eq!(
         out.messages[0],
-        to_all(Message::ViewChange(view_change(1, 1, vec![proof])))
+        to_all(Message::ViewChange(view_change(2, 1, vec![proof])))
     );
     assert_eq!(out.events[0], Event::ViewChangeStarted { view: 1 });
 }

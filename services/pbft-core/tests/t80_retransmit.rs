@@ -26,9 +26,10 @@ fn a_stalled_backup_re_sends_its_prepare_and_commit() {
     let d = pp.body.digest;
     deliver(&mut b, 0, Message::PrePrepare(pp));
     deliver(&mut b, 2, Message::Prepare(prepare(0, 1, d, 2)));
+    // Replica 1 prepared without checking (replica 2 vouched for seq 1).
     let votes = Output {
         messages: vec![
-            to_all(Message::Prepare(prepare(0, 1, d, 1))),
+            to_all(Message::Prepare(unvouched_prepare(0, 1, d, 1))),
             to_all(Message::Commit(commit(0, 1, d, 1))),
         ],
         ..Output::default()
@@ -114,8 +115,9 @@ fn a_repeated_vote_for_a_committed_slot_is_answered_once_per_interval() {
         ..Output::default()
     };
     assert_eq!(deliver(b, 3, Message::Commit(commit(0, 1, d, 3))), help);
-    // Within the interval only the duplicate is counted.
-    let out = deliver(b, 3, Message::Prepare(prepare(0, 1, d, 3)));
+    // Within the interval only the duplicate is counted (replica 3's prepare for seq 1
+    // did not vouch: replica 2 was its designated voucher).
+    let out = deliver(b, 3, Message::Prepare(unvouched_prepare(0, 1, d, 3)));
     assert_eq!(out, rejected(RejectReason::Duplicate));
     tick(b, 30);
     assert_eq!(deliver(b, 3, Message::Commit(commit(0, 1, d, 3))), help);

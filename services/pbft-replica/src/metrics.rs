@@ -30,6 +30,7 @@ pub struct Metrics {
     pub sync_target: IntGauge,
     pub synced_blocks: IntCounter,
     pub rejected: IntCounterVec,
+    pub vouch_timeouts: IntCounterVec,
     pub requests: IntCounterVec,
     pub storage_latency: Histogram,
 }
@@ -174,6 +175,12 @@ impl Metrics {
                 "Inputs refused, by reason",
                 &["reason"],
             ),
+            vouch_timeouts: counter_vec(
+                &r,
+                "pbft_vouch_timeouts_total",
+                "Batches checked here because their designated vouchers were late, by verdict",
+                &["verdict"],
+            ),
             requests: counter_vec(
                 &r,
                 "pbft_client_requests_total",
@@ -194,6 +201,9 @@ impl Metrics {
         }
         for extra in ["malformed", "oversized", "handshake_failed"] {
             m.rejected.with_label_values(&[extra]);
+        }
+        for verdict in ["valid", "forged"] {
+            m.vouch_timeouts.with_label_values(&[verdict]);
         }
         m
     }

@@ -347,6 +347,11 @@ impl Node {
                 m.rejected.with_label_values(&[reason.as_str()]).inc();
                 debug!(%reason, "input rejected");
             }
+            Event::VouchTimeout { seq, valid } => {
+                let verdict = if valid { "valid" } else { "forged" };
+                m.vouch_timeouts.with_label_values(&[verdict]).inc();
+                debug!(seq, verdict, "vouchers late: checked the batch here");
+            }
         }
     }
 

@@ -1066,6 +1066,7 @@ mod tests {
                     seq,
                     digest: pre_prepare.body.digest,
                     replica: ReplicaId(r),
+                    vouches: true,
                 },
                 signature: sig(r as u8),
             })

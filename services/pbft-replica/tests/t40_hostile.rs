@@ -23,6 +23,7 @@ fn prepare(signer: usize, claims: u32, seq: u64) -> Message {
         seq,
         digest: Digest([seq as u8; 32]),
         replica: ReplicaId(claims),
+        vouches: true,
     };
     Message::Prepare(Signed::sign(
         body,

@@ -29,6 +29,7 @@ const EXPECTED: &[&str] = &[
     "pbft_sync_target_height",
     "pbft_synced_blocks_total",
     "pbft_rejected_messages_total",
+    "pbft_vouch_timeouts_total",
     "pbft_storage_persist_seconds_bucket",
 ];
 

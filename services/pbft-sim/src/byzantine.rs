@@ -3,7 +3,7 @@
 //! send, re-signing with its own key where that makes the lie more convincing. It can only
 //! forge what a real attacker could: it never has another replica's key.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 
 use pbft_core::{
     Batch, Block, ClientId, Commit, Digest, Ed25519Signer, Message, NewView, PrePrepare, Prepare,
@@ -34,6 +34,10 @@ pub enum Behavior {
     ConflictingViewChanges,
     /// Serves forged or truncated blocks to replicas that sync from it.
     ForgeSync,
+    /// As primary: adds to every batch a request its client never signed (the client's
+    /// next timestamp, signed with the adversary's own key), and votes for the forged batch.
+    /// As backup: vouches for every batch without checking it.
+    ForgeRequests,
 }
 
 /// The client a censoring primary ignores.
@@ -47,6 +51,8 @@ pub struct Adversary {
     key: Ed25519Signer,
     rng: SimRng,
     heard: VecDeque<Message>,
+    /// ForgeRequests: the forged pre-prepare sent for each (view, seq).
+    forged: HashMap<(u64, u64), Signed<PrePrepare>>,
 }
 
 impl Adversary {
@@ -58,6 +64,7 @@ impl Adversary {
             key: Ed25519Signer::from_secret(secret),
             rng,
             heard: VecDeque::new(),
+            forged: HashMap::new(),
         }
     }
 
@@ -138,12 +145,71 @@ impl Adversary {
                 Behavior::ConflictingViewChanges => {
                     out.push((to, self.conflicting_view_change(to, msg)));
                 }
+                Behavior::ForgeRequests => out.push((to, self.forge_requests(msg))),
                 Behavior::SilentPrimary | Behavior::CensorClient | Behavior::ForgeSync => {
                     out.push((to, msg));
                 }
             }
         }
         out
+    }
+
+    /// ForgeRequests: a pre-prepare gains a forged request (the same forgery for every
+    /// backup); prepares and commits follow the forged batch, and every prepare vouches.
+    fn forge_requests(&mut self, msg: Message) -> Message {
+        match msg {
+            Message::PrePrepare(pp) => {
+                let key = (pp.body.view, pp.body.seq);
+                if let Some(forged) = self.forged.get(&key) {
+                    return Message::PrePrepare(forged.clone());
+                }
+                let mut requests = pp.body.batch.requests().to_vec();
+                let Some(victim) = requests.first().map(|r| (r.client, r.timestamp)) else {
+                    return Message::PrePrepare(pp);
+                };
+                let op = pbft_core::Operation::Put {
+                    key: b"forged".to_vec(),
+                    value: b"by the primary".to_vec(),
+                };
+                requests.push(Request::new_signed(victim.0, victim.1 + 1, op, &self.key));
+                let batch = Batch::new(requests);
+                let forged = Signed::sign(
+                    PrePrepare {
+                        digest: batch.digest(),
+                        batch,
+                        ..pp.body
+                    },
+                    &self.key,
+                );
+                self.forged.insert(key, forged.clone());
+                Message::PrePrepare(forged)
+            }
+            Message::Prepare(p) => {
+                let digest = self
+                    .forged
+                    .get(&(p.body.view, p.body.seq))
+                    .map_or(p.body.digest, |f| f.body.digest);
+                Message::Prepare(Signed::sign(
+                    Prepare {
+                        digest,
+                        vouches: true,
+                        ..p.body
+                    },
+                    &self.key,
+                ))
+            }
+            Message::Commit(c) => match self.forged.get(&(c.body.view, c.body.seq)) {
+                Some(f) => Message::Commit(Signed::sign(
+                    Commit {
+                        digest: f.body.digest,
+                        ..c.body
+                    },
+                    &self.key,
+                )),
+                None => Message::Commit(c),
+            },
+            other => other,
+        }
     }
 
     /// Replicas in the "upper half" get the alternative story.

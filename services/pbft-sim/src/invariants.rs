@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use pbft_core::{Block, ClientId, Completed, Digest, OpResult, Reply, Seq};
+use pbft_core::{Block, ClientId, Completed, Digest, OpResult, Reply, Request, Seq};
 
 /// A broken property, with enough detail to start debugging from.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -39,6 +39,15 @@ pub enum Violation {
         timestamp: u64,
         result: OpResult,
     },
+    #[error(
+        "forgery: replica {replica} committed at height {height} a request of {client} ts {timestamp} that the client never sent"
+    )]
+    Forged {
+        height: Seq,
+        replica: usize,
+        client: ClientId,
+        timestamp: u64,
+    },
     #[error("replica {replica} failed to recover from its durable state: {error}")]
     Recovery { replica: usize, error: String },
     #[error(
@@ -53,11 +62,30 @@ pub struct Invariants {
     blocks: HashMap<Seq, (Digest, usize)>,
     checkpoints: HashMap<Seq, (Digest, usize)>,
     executed: HashMap<(ClientId, u64), OpResult>,
+    /// Every request a client sent, exactly as signed.
+    submitted: HashMap<(ClientId, u64), Request>,
 }
 
 impl Invariants {
-    /// No two honest replicas commit different blocks at one height.
+    /// Records a request as its client sent it.
+    pub fn on_submit(&mut self, req: &Request) {
+        self.submitted
+            .insert((req.client, req.timestamp), req.clone());
+    }
+
+    /// No two honest replicas commit different blocks at one height, and every request in
+    /// an honest replica's block is one its client sent.
     pub fn on_block(&mut self, replica: usize, block: &Block) -> Result<(), Violation> {
+        for req in block.batch.requests() {
+            if self.submitted.get(&(req.client, req.timestamp)) != Some(req) {
+                return Err(Violation::Forged {
+                    height: block.height,
+                    replica,
+                    client: req.client,
+                    timestamp: req.timestamp,
+                });
+            }
+        }
         let hash = block.hash();
         match self.blocks.get(&block.height) {
             Some((expected, other)) if *expected != hash => Err(Violation::Agreement {

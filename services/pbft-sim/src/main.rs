@@ -23,8 +23,8 @@ struct Args {
     /// Replay this one seed with a full event trace.
     #[arg(long, env = "PBFT_SEED")]
     seed: Option<u64>,
-    /// Break the protocol on purpose (weak-quorum or skip-digest-check), to show the
-    /// simulator catches it. Needs `--features mutations`.
+    /// Break the protocol on purpose (weak-quorum, skip-digest-check or skip-vouch-check),
+    /// to show the simulator catches it. Needs `--features mutations`.
     #[cfg(feature = "mutations")]
     #[arg(long)]
     mutation: Option<String>,
@@ -101,7 +101,10 @@ fn scenario(seed: u64, args: &Args) -> Result<Scenario> {
         sc.config.mutation = Some(match m.as_str() {
             "weak-quorum" => pbft_core::Mutation::WeakQuorum,
             "skip-digest-check" => pbft_core::Mutation::SkipDigestCheck,
-            other => bail!("unknown mutation {other:?}: weak-quorum or skip-digest-check"),
+            "skip-vouch-check" => pbft_core::Mutation::SkipVouchCheck,
+            other => bail!(
+                "unknown mutation {other:?}: weak-quorum, skip-digest-check or skip-vouch-check"
+            ),
         });
     }
     let _ = args;

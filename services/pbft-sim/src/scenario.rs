@@ -43,10 +43,13 @@ pub enum FaultClass {
     ForgedSync,
     /// A Byzantine behaviour together with a lossy network and crashes.
     Mixed,
+    /// Byzantine primary adds requests no client signed to its batches; Byzantine backups
+    /// vouch for batches without checking them.
+    ForgedRequests,
 }
 
 impl FaultClass {
-    pub const ALL: [FaultClass; 16] = [
+    pub const ALL: [FaultClass; 17] = [
         FaultClass::Calm,
         FaultClass::LossyNetwork,
         FaultClass::Partitions,
@@ -63,6 +66,7 @@ impl FaultClass {
         FaultClass::SilentThenReturns,
         FaultClass::ForgedSync,
         FaultClass::Mixed,
+        FaultClass::ForgedRequests,
     ];
 
     /// The class a seed belongs to: seeds cycle through all classes.
@@ -83,6 +87,7 @@ impl FaultClass {
             FaultClass::CensorClient => B::CensorClient,
             FaultClass::ConflictingViewChanges => B::ConflictingViewChanges,
             FaultClass::ForgedSync => B::ForgeSync,
+            FaultClass::ForgedRequests => B::ForgeRequests,
             _ => return None,
         })
     }
@@ -164,6 +169,9 @@ impl Scenario {
             max_in_flight: rng.range(1, 8),
             view_change_timeout: rng.range(150, 400),
             max_view_change_timeout: 5_000,
+            // From a stream of its own, like `state_digest`; often shorter than the lossy
+            // network's delays, so backups check batches themselves and suspect vouchers.
+            vouch_timeout: SimRng::new(seed ^ 0x0000_0b0c).range(5, 80),
             retransmit_interval: rng.range(80, 200),
             status_interval: rng.range(200, 600),
             sync_chunk: rng.range(1, 6) as u32,

@@ -689,6 +689,7 @@ impl Sim {
             sends.push(s);
         }
         for s in sends {
+            self.inv.on_submit(&s.request);
             match s.to {
                 Target::Replica(r) => self.send(
                     Addr::Client(c),

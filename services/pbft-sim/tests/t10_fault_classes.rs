@@ -3,7 +3,7 @@
 
 use pbft_sim::{FaultClass, run_class};
 
-/// Seeds per class: 16 classes x 64 = 1,024 scenarios per `cargo test`.
+/// Seeds per class: 17 classes x 64 = 1,088 scenarios per `cargo test`.
 const SEEDS_PER_CLASS: u64 = 64;
 
 fn check(class: FaultClass) {
@@ -43,4 +43,5 @@ class_tests! {
     silent_then_returns => SilentThenReturns,
     forged_sync => ForgedSync,
     mixed => Mixed,
+    forged_requests => ForgedRequests,
 }

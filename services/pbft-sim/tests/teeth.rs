@@ -40,3 +40,14 @@ fn skipped_digest_check_is_caught() {
         "expected a safety violation, got {v}"
     );
 }
+
+#[test]
+fn skipped_vouch_check_is_caught() {
+    let (seed, v) = first_violation(Mutation::SkipVouchCheck, FaultClass::ForgedRequests)
+        .expect("without counting vouches, backups that did not check commit a forged request");
+    println!("skipped vouch check caught at seed {seed}: {v}");
+    assert!(
+        matches!(v, Violation::Forged { .. }),
+        "expected a forged request committed, got {v}"
+    );
+}

@@ -14,6 +14,12 @@ pub(crate) struct Slot {
     pub commits: BTreeMap<ReplicaId, Signed<Commit>>,
     pub prepared: bool,
     pub committed: bool,
+    /// Every request of the batch is known to carry its client's valid signature: this
+    /// replica checked them (or proposed them), or the batch came from a prepared
+    /// certificate. Own prepares vouch exactly when this holds.
+    pub valid: bool,
+    /// This replica checked the batch's signatures and one failed: the primary is faulty.
+    pub invalid: bool,
     /// Own votes, kept to re-send when progress stalls.
     pub own_prepare: Option<Signed<Prepare>>,
     pub own_commit: Option<Signed<Commit>>,
@@ -34,6 +40,29 @@ impl Slot {
             .filter(|(r, p)| **r != primary && p.body.digest == d)
             .map(|(_, p)| p.clone())
             .collect()
+    }
+
+    /// Prepares for the accepted pre-prepare that make a prepared certificate: `needed`
+    /// (2f) from backups of which at least `vouches` (f) vouch, vouching ones first; the
+    /// pre-prepare is the primary's vouch. `None` while there are not enough.
+    pub fn certificate_prepares(
+        &self,
+        primary: ReplicaId,
+        needed: usize,
+        vouches: usize,
+    ) -> Option<Vec<Signed<Prepare>>> {
+        let (mut chosen, others): (Vec<_>, Vec<_>) = self
+            .matching_prepares(primary)
+            .into_iter()
+            .partition(|p| p.body.vouches);
+        if chosen.len() < vouches {
+            return None;
+        }
+        chosen.extend(others);
+        (chosen.len() >= needed).then(|| {
+            chosen.truncate(needed);
+            chosen
+        })
     }
 
     /// What this replica said about the slot: its pre-prepare (if it is the primary) and its

@@ -6,8 +6,9 @@
 //! always give the same outputs; that is what makes simulator failures replayable.
 //!
 //! The protocol is split by concern: [`normal`] (requests, batching, the three phases and
-//! execution), [`checkpoint`] (stable checkpoints and garbage collection), [`view_change`]
-//! and [`sync`] (fetching certified blocks when behind).
+//! execution), [`vouch`] (which replicas check a batch's client signatures), [`checkpoint`]
+//! (stable checkpoints and garbage collection), [`view_change`] and [`sync`] (fetching
+//! certified blocks when behind).
 
 mod checkpoint;
 mod log;
@@ -15,6 +16,7 @@ mod normal;
 mod retransmit;
 mod sync;
 mod view_change;
+mod vouch;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
@@ -116,6 +118,12 @@ pub struct Replica {
 
     sync: Option<SyncState>,
 
+    /// Designated vouchers that failed to vouch in time, until when they stay suspected.
+    suspected: BTreeMap<ReplicaId, Tick>,
+    /// Slots prepared here without checking their batch: when to check it here if the
+    /// vouchers have not vouched by then, in which view.
+    vouch_deadlines: BTreeSet<(Tick, View, Seq)>,
+
     last_progress: Tick,
     last_retransmit: Tick,
     /// This replica's newest checkpoint vote, announced every `status_interval`.
@@ -193,6 +201,8 @@ impl Replica {
             new_view_sent_to: BTreeMap::new(),
             helped: BTreeMap::new(),
             sync: None,
+            suspected: BTreeMap::new(),
+            vouch_deadlines: BTreeSet::new(),
             last_progress: 0,
             last_retransmit: 0,
             latest_checkpoint_vote: None,
@@ -233,22 +243,31 @@ impl Replica {
     }
 
     /// Puts a pre-prepare accepted before a crash back into the log, with the prepare this
-    /// replica sent for it (ed25519 signing is deterministic: it is the same message).
+    /// replica sent for it. A backup cannot tell whether it checked the batch before the
+    /// crash, so it checks it now (a restart is rare, and the log short): its requests are
+    /// timed again, as on acceptance, only if it holds. (ed25519 signing is deterministic:
+    /// the prepare is the same message as before, or a vouching upgrade of it.)
     fn restore_accepted(&mut self, pp: Signed<crate::message::PrePrepare>) {
         let (view, seq, digest) = (pp.body.view, pp.body.seq, pp.body.digest);
         self.next_seq = self.next_seq.max(seq + 1);
-        // Its requests are still owed an execution: time them again, as on acceptance.
-        self.expect_batch(pp.body.batch.requests());
-        let prepare = (!self.is_primary()).then(|| {
+        let is_primary = self.is_primary();
+        let valid = is_primary || self.signatures_hold(pp.body.batch.requests());
+        if valid {
+            self.expect_batch(pp.body.batch.requests());
+        }
+        let prepare = (!is_primary).then(|| {
             self.sign(crate::message::Prepare {
                 view,
                 seq,
                 digest,
                 replica: self.id,
+                vouches: valid,
             })
         });
         let slot = self.slot(seq);
         slot.pre_prepare = Some(pp);
+        slot.valid = valid;
+        slot.invalid = !valid;
         if let Some(p) = prepare {
             slot.prepares.insert(p.body.replica, p.clone());
             slot.own_prepare = Some(p);
@@ -339,6 +358,7 @@ impl Replica {
         if self.is_primary() && !self.changing {
             self.try_propose();
         }
+        self.vouch_tick();
         self.sync_tick();
         self.retransmit_tick();
         self.status_tick();

@@ -246,7 +246,10 @@ impl Replica {
                 batch,
             });
             self.persist(PersistOp::Accepted(pp.clone()));
-            self.slot(seq).pre_prepare = Some(pp.clone());
+            let slot = self.slot(seq);
+            slot.pre_prepare = Some(pp.clone());
+            // Every request was checked when it arrived.
+            slot.valid = true;
             self.broadcast(Message::PrePrepare(pp));
             self.check_prepared(seq);
         }
@@ -290,10 +293,13 @@ impl Replica {
             self.reject(RejectReason::WrongPhase);
             return;
         }
-        if let Err(reason) = self.check_batch(&m.body) {
-            self.reject(reason);
-            return;
-        }
+        let valid = match self.check_batch(&m.body) {
+            Ok(valid) => valid,
+            Err(reason) => {
+                self.reject(reason);
+                return;
+            }
+        };
         let seq = m.body.seq;
         match self.slots.get(&seq).and_then(|s| s.digest()) {
             Some(d) if d == m.body.digest => {
@@ -306,11 +312,13 @@ impl Replica {
             }
             None => {}
         }
-        self.accept_pre_prepare(m);
+        self.accept_pre_prepare(m, valid);
     }
 
-    /// Checks a proposed batch: digest, size and every request's signature.
-    fn check_batch(&self, pp: &PrePrepare) -> Result<(), RejectReason> {
+    /// Checks a proposed batch: digest, size, every request's shape and, where this replica
+    /// checks the batch before preparing (see [`super::vouch`]), every request's signature.
+    /// `Ok(true)`: the batch is known valid here, so this replica's prepare vouches for it.
+    fn check_batch(&self, pp: &PrePrepare) -> Result<bool, RejectReason> {
         #[cfg(feature = "mutations")]
         let skip_digest = self.cfg.mutation == Some(crate::config::Mutation::SkipDigestCheck);
         #[cfg(not(feature = "mutations"))]
@@ -333,34 +341,61 @@ impl Replica {
         unchecked
             .iter()
             .try_for_each(|r| self.check_request_shape(r))?;
+        if unchecked.is_empty() {
+            return Ok(true);
+        }
+        if !self.checks_eagerly(pp.view, pp.seq) {
+            return Ok(false);
+        }
         if Request::verify_all(&unchecked, self.verifier.as_ref())
             .into_iter()
             .all(|ok| ok)
         {
-            Ok(())
+            Ok(true)
         } else {
             Err(RejectReason::BadSignature)
         }
     }
 
+    /// Whether every request's client signature holds, checked in one batch.
+    pub(super) fn signatures_hold(&self, requests: &[Request]) -> bool {
+        let refs: Vec<&Request> = requests.iter().collect();
+        Request::verify_all(&refs, self.verifier.as_ref())
+            .into_iter()
+            .all(|ok| ok)
+    }
+
     /// Takes a pre-prepare into the log and votes for it. Used for normal pre-prepares and
-    /// for those a new-view message carries.
-    pub(super) fn accept_pre_prepare(&mut self, m: Signed<PrePrepare>) {
+    /// for those a new-view message carries. `valid`: the batch's client signatures are
+    /// known to hold here; only then are its requests timed and does the prepare vouch.
+    /// Otherwise the replica waits for the designated vouchers (see [`super::vouch`]).
+    pub(super) fn accept_pre_prepare(&mut self, m: Signed<PrePrepare>, valid: bool) {
         let (view, seq, digest) = (m.body.view, m.body.seq, m.body.digest);
-        self.expect_batch(m.body.batch.requests());
+        if valid {
+            // Unchecked requests are not timed: a request a faulty primary forged would
+            // otherwise wait here for ever, and a forged timestamp could displace the
+            // client's real request.
+            self.expect_batch(m.body.batch.requests());
+        }
         self.persist(PersistOp::Accepted(m.clone()));
-        self.slot(seq).pre_prepare = Some(m);
+        let slot = self.slot(seq);
+        slot.pre_prepare = Some(m);
+        slot.valid = valid;
         if !self.is_primary() {
             let prepare = self.sign(Prepare {
                 view,
                 seq,
                 digest,
                 replica: self.id,
+                vouches: valid,
             });
             let slot = self.slot(seq);
             slot.prepares.insert(prepare.body.replica, prepare.clone());
             slot.own_prepare = Some(prepare.clone());
             self.broadcast(Message::Prepare(prepare));
+            if !valid {
+                self.await_vouchers(seq);
+            }
         }
         self.check_prepared(seq);
     }
@@ -380,6 +415,13 @@ impl Replica {
         let seq = m.body.seq;
         let slot = self.slot(seq);
         if let Some(old) = slot.prepares.get(&m.body.replica) {
+            if old.body.digest == m.body.digest && m.body.vouches && !old.body.vouches {
+                // The sender checked the batch after all (its vouchers were late): the same
+                // vote, now vouching.
+                slot.prepares.insert(m.body.replica, m);
+                self.check_prepared(seq);
+                return;
+            }
             let reason = if old.body.digest == m.body.digest {
                 RejectReason::Duplicate
             } else {
@@ -395,11 +437,13 @@ impl Replica {
         self.check_prepared(seq);
     }
 
-    /// A slot is prepared with its pre-prepare plus 2f matching prepares from backups. Then
-    /// the certificate is saved (view changes must carry it) and the replica commits.
+    /// A slot is prepared with its pre-prepare plus 2f matching prepares from backups, f of
+    /// them vouching (see [`super::vouch`]). Then the certificate is saved (view changes
+    /// must carry it) and the replica commits.
     pub(super) fn check_prepared(&mut self, seq: Seq) {
         let primary = self.primary();
         let needed = self.cfg.quorum() - 1;
+        let vouches = self.vouches_needed();
         let Some(slot) = self.slots.get(&seq) else {
             return;
         };
@@ -409,13 +453,17 @@ impl Replica {
         let Some(pp) = slot.pre_prepare.clone() else {
             return;
         };
-        let prepares = slot.matching_prepares(primary);
-        if prepares.len() < needed {
+        let Some(prepares) = slot.certificate_prepares(primary, needed, vouches) else {
             return;
+        };
+        if !slot.valid {
+            // f+1 vouchers, one of them correct: the batch is valid, and owed an execution.
+            self.slot(seq).valid = true;
+            self.expect_batch(pp.body.batch.requests());
         }
         let proof = PreparedProof {
             pre_prepare: pp,
-            prepares: prepares.into_iter().take(needed).collect(),
+            prepares,
         };
         let digest = proof.digest();
         self.persist(PersistOp::Prepared(proof.clone()));
@@ -432,6 +480,15 @@ impl Replica {
         slot.own_commit = Some(commit.clone());
         self.broadcast(Message::Commit(commit));
         self.check_committed(seq);
+    }
+
+    /// Vouching prepares a prepared certificate needs besides the pre-prepare: f.
+    pub(super) fn vouches_needed(&self) -> usize {
+        #[cfg(feature = "mutations")]
+        if self.cfg.mutation == Some(crate::config::Mutation::SkipVouchCheck) {
+            return 0;
+        }
+        self.cfg.f()
     }
 
     pub(super) fn on_commit(&mut self, m: Signed<Commit>) {

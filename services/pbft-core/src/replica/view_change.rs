@@ -189,7 +189,9 @@ impl Replica {
     }
 
     /// A pre-prepare signed by its view's primary, whose digest matches its batch, and 2f
-    /// matching prepares from distinct backups.
+    /// matching prepares from distinct backups, f of them vouching for the batch: so a
+    /// faulty replica cannot carry a batch with a forged request into a new view, where it
+    /// would have to be re-proposed and could never prepare.
     fn valid_prepared_proof(&self, p: &PreparedProof) -> bool {
         let n = self.n();
         let pp = &p.pre_prepare;
@@ -203,9 +205,14 @@ impl Replica {
             .filter(|m| m.body.replica != leader)
             .cloned()
             .collect();
-        crate::block::distinct_valid_signers(&prepares, n, self.verifier.as_ref(), |b| {
+        let matches = |b: &Prepare| {
             b.view == pp.body.view && b.seq == pp.body.seq && b.digest == pp.body.digest
-        }) >= self.cfg.quorum() - 1
+        };
+        let verifier = self.verifier.as_ref();
+        crate::block::distinct_valid_signers(&prepares, n, verifier, |b| b.vouches && matches(b))
+            >= self.vouches_needed()
+            && crate::block::distinct_valid_signers(&prepares, n, verifier, matches)
+                >= self.cfg.quorum() - 1
     }
 
     /// The new primary derives the new view's pre-prepares from the view changes: every
@@ -365,7 +372,9 @@ impl Replica {
         for pp in nv.body.pre_prepares.clone() {
             max_seq = max_seq.max(pp.body.seq);
             if self.in_window(pp.body.seq) {
-                self.accept_pre_prepare(pp);
+                // Its batch came from a prepared certificate, whose f+1 vouchers make it
+                // valid (or it is a null batch).
+                self.accept_pre_prepare(pp, true);
             }
         }
         self.new_view = Some(nv);

@@ -43,6 +43,7 @@ pub fn config() -> Config {
         max_in_flight: 4,
         view_change_timeout: 20,
         max_view_change_timeout: 80,
+        vouch_timeout: 5,
         retransmit_interval: 1_000,
         status_interval: 100_000,
         sync_chunk: 4,
@@ -161,16 +162,32 @@ pub fn pre_prepare(view: View, seq: Seq, batch: Batch) -> Signed<PrePrepare> {
     )
 }
 
+/// A prepare that vouches for the batch's client signatures.
 pub fn prepare(view: View, seq: Seq, digest: Digest, by: u32) -> Signed<Prepare> {
-    sign(
-        by,
-        Prepare {
-            view,
-            seq,
-            digest,
-            replica: r(by),
-        },
-    )
+    prepare_vouching(view, seq, digest, by, true)
+}
+
+/// A prepare that does not vouch for the batch's client signatures.
+pub fn unvouched_prepare(view: View, seq: Seq, digest: Digest, by: u32) -> Signed<Prepare> {
+    prepare_vouching(view, seq, digest, by, false)
+}
+
+fn prepare_vouching(
+    view: View,
+    seq: Seq,
+    digest: Digest,
+    by: u32,
+    vouches: bool,
+) -> Signed<Prepare> {
+    let replica = r(by);
+    let body = Prepare {
+        view,
+        seq,
+        digest,
+        replica,
+        vouches,
+    };
+    sign(by, body)
 }
 
 pub fn commit(view: View, seq: Seq, digest: Digest, by: u32) -> Signed<Commit> {
@@ -413,10 +430,18 @@ impl Cluster {
             .extend(out.events.into_iter().map(|e| (r(i), e)));
     }
 
-    /// Submits `put_req(c, ts)` to the current primary of replica 1's view and runs.
+    /// Submits `put_req(c, ts)` to the current primary of replica 1's view and runs. If
+    /// no replica executed it (its designated voucher is cut off), the replicas tick
+    /// through one vouch timeout, after which they check the batch themselves.
     pub fn execute(&mut self, c: u64, ts: u64) {
         let p = self.replicas[1].status().primary.0;
+        let height = |c: &Self| c.replicas.iter().map(|r| r.status().last_executed).max();
+        let before = height(self);
         self.submit(p, put_req(c, ts));
+        if height(self) == before {
+            let timeout = self.replicas[0].config().vouch_timeout;
+            self.tick(timeout);
+        }
     }
 
     pub fn replica(&self, i: u32) -> &Replica {
