@@ -265,6 +265,12 @@ pub struct ProtocolSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self == oldSelf").message("stateDigest cannot change once set: every stored checkpoint and checkpoint block records the digest the cluster was created with"))]
     pub state_digest: Option<StateDigest>,
+    /// Every backup checks every batch's client signatures before preparing it (default
+    /// false: only the f vouchers designated for each batch do). Set it for a rolling
+    /// upgrade from a version without vouching, and unset it once every replica runs the
+    /// new one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check_every_batch: Option<bool>,
 }
 
 /// How checkpoints digest the replicated state (docs/CONFIG.md).

@@ -31,6 +31,10 @@ pub struct Config {
     /// designated vouchers before it checks them itself (and, for a while, checks every
     /// batch those vouchers were due to vouch for). See `replica::vouch`.
     pub vouch_timeout: Tick,
+    /// Check every batch's client signatures before preparing it, as every backup did
+    /// before vouching existed, so every prepare vouches. For rolling upgrades from such
+    /// versions, whose replicas refuse unvouched prepares; it costs the CPU vouching saves.
+    pub check_every_batch: bool,
     /// Ticks without progress after which a replica re-sends its own votes for open slots.
     pub retransmit_interval: Tick,
     /// Ticks between status announcements: each replica re-broadcasts its latest checkpoint
@@ -77,6 +81,7 @@ impl Default for Config {
             view_change_timeout: 2_000,
             max_view_change_timeout: 60_000,
             vouch_timeout: 50,
+            check_every_batch: false,
             retransmit_interval: 500,
             status_interval: 2_000,
             sync_chunk: 256,

@@ -210,3 +210,57 @@ fn a_cluster_with_a_silent_voucher_still_commits_every_batch() {
         assert_eq!(c.replica(i).status().last_executed, 6, "replica {i}");
     }
 }
+
+#[test]
+fn with_check_every_batch_every_backup_checks_and_vouches() {
+    // The rolling-upgrade mode: replica 1 is not sequence 1's designated voucher, but
+    // checks and vouches anyway, so replicas that predate vouching accept its prepare.
+    let cfg = Config {
+        check_every_batch: true,
+        ..config()
+    };
+    let mut b = replica_with(cfg.clone(), 1);
+    let pp = pre_prepare(0, 1, batch(&[put_req(1, 1)]));
+    let out = deliver(&mut b, 0, Message::PrePrepare(pp.clone()));
+    assert_eq!(
+        out.messages,
+        vec![to_all(Message::Prepare(prepare(0, 1, pp.body.digest, 1)))]
+    );
+    let mut forged = put_req(2, 1);
+    forged.timestamp = 9;
+    let mut b = replica_with(cfg, 1);
+    let out = deliver(
+        &mut b,
+        0,
+        Message::PrePrepare(pre_prepare(0, 1, batch(&[forged]))),
+    );
+    assert_rejected(&b, &out, RejectReason::BadSignature, 1, 1);
+}
+
+#[test]
+fn a_stuck_peer_gets_an_upgraded_vouch_from_a_replica_prepared_by_certificate() {
+    // Replica 1 prepared sequence 1 on replica 2's vouch without checking the batch
+    // itself. When it re-sends its votes (no progress for a retransmission interval), its
+    // prepare vouches: the f+1 vouchers made the batch valid here too, and a peer the
+    // vouchers left out may need exactly this vouch.
+    let cfg = Config {
+        retransmit_interval: 30,
+        view_change_timeout: 10_000,
+        max_view_change_timeout: 10_000,
+        ..config()
+    };
+    let (mut b, d) = waiting_with(cfg, &[put_req(1, 1)]);
+    let out = deliver(&mut b, 2, Message::Prepare(prepare(0, 1, d, 2)));
+    assert!(!out.persist.is_empty(), "prepared: {out:?}");
+    let out = tick(&mut b, 30);
+    assert!(
+        out.messages
+            .contains(&to_all(Message::Prepare(prepare(0, 1, d, 1)))),
+        "re-sent vouching: {out:?}"
+    );
+    assert!(
+        !out.messages
+            .contains(&to_all(Message::Prepare(unvouched_prepare(0, 1, d, 1)))),
+        "{out:?}"
+    );
+}

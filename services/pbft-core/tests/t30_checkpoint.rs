@@ -182,8 +182,9 @@ fn stability_discards_the_log_and_moves_the_window() {
         out,
         Output {
             messages: vec![
-                // Replica 3 vouched for seq 2; replica 1 prepared without checking.
-                to(2, Message::Prepare(unvouched_prepare(0, 2, d2, 1))),
+                // Replica 3 vouched for seq 2; replica 1 prepared without checking, and
+                // vouches once the certificate showed the batch valid.
+                to(2, Message::Prepare(prepare(0, 2, d2, 1))),
                 to(2, Message::Commit(commit(0, 2, d2, 1))),
             ],
             events: vec![Event::Rejected {

@@ -26,10 +26,11 @@ fn a_stalled_backup_re_sends_its_prepare_and_commit() {
     let d = pp.body.digest;
     deliver(&mut b, 0, Message::PrePrepare(pp));
     deliver(&mut b, 2, Message::Prepare(prepare(0, 1, d, 2)));
-    // Replica 1 prepared without checking (replica 2 vouched for seq 1).
+    // Replica 1 prepared without checking (replica 2 vouched for seq 1); it re-sends its
+    // prepare vouching, the certificate having shown the batch valid.
     let votes = Output {
         messages: vec![
-            to_all(Message::Prepare(unvouched_prepare(0, 1, d, 1))),
+            to_all(Message::Prepare(prepare(0, 1, d, 1))),
             to_all(Message::Commit(commit(0, 1, d, 1))),
         ],
         ..Output::default()

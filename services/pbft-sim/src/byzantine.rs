@@ -36,7 +36,8 @@ pub enum Behavior {
     ForgeSync,
     /// As primary: adds to every batch a request its client never signed (the client's
     /// next timestamp, signed with the adversary's own key), and votes for the forged batch.
-    /// As backup: vouches for every batch without checking it.
+    /// As backup: vouches for every batch without checking it, and withholds its prepares
+    /// from one replica.
     ForgeRequests,
 }
 
@@ -145,7 +146,15 @@ impl Adversary {
                 Behavior::ConflictingViewChanges => {
                     out.push((to, self.conflicting_view_change(to, msg)));
                 }
-                Behavior::ForgeRequests => out.push((to, self.forge_requests(msg))),
+                Behavior::ForgeRequests => {
+                    // Its vouches are withheld from one replica, which must then get them
+                    // from correct replicas (their upgraded prepares) or check itself.
+                    let withheld = matches!(&msg, Message::Prepare(_))
+                        && self.other_replicas().first() == Some(&to);
+                    if !withheld {
+                        out.push((to, self.forge_requests(msg)));
+                    }
+                }
                 Behavior::SilentPrimary | Behavior::CensorClient | Behavior::ForgeSync => {
                     out.push((to, msg));
                 }

@@ -44,7 +44,8 @@ pub enum FaultClass {
     /// A Byzantine behaviour together with a lossy network and crashes.
     Mixed,
     /// Byzantine primary adds requests no client signed to its batches; Byzantine backups
-    /// vouch for batches without checking them.
+    /// vouch for batches without checking them, and withhold their prepares from one
+    /// replica.
     ForgedRequests,
 }
 
@@ -172,6 +173,8 @@ impl Scenario {
             // From a stream of its own, like `state_digest`; often shorter than the lossy
             // network's delays, so backups check batches themselves and suspect vouchers.
             vouch_timeout: SimRng::new(seed ^ 0x0000_0b0c).range(5, 80),
+            // One seed in eight runs the rolling-upgrade mode, every backup checking.
+            check_every_batch: SimRng::new(seed ^ 0x00ec_0a11).range(0, 7) == 0,
             retransmit_interval: rng.range(80, 200),
             status_interval: rng.range(200, 600),
             sync_chunk: rng.range(1, 6) as u32,

@@ -87,6 +87,8 @@ struct ProtocolSection {
     max_view_change_timeout_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     state_digest: Option<crate::crd::StateDigest>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    check_every_batch: Option<bool>,
 }
 
 impl ProtocolSection {
@@ -103,6 +105,7 @@ impl ProtocolSection {
         .iter()
         .all(Option::is_none)
             && self.state_digest.is_none()
+            && self.check_every_batch.is_none()
     }
 }
 
@@ -122,6 +125,7 @@ pub fn config_yaml(c: &Cluster, keys: &PublicKeys) -> Result<String> {
             view_change_timeout_ms: p.view_change_timeout_ms,
             max_view_change_timeout_ms: p.max_view_change_timeout_ms,
             state_digest: p.state_digest,
+            check_every_batch: p.check_every_batch,
         })
         .unwrap_or_default();
     let n = usize::try_from(c.replicas).unwrap_or(0);
@@ -289,6 +293,7 @@ mod tests {
                 view_change_timeout_ms: Some(900),
                 max_view_change_timeout_ms: Some(9000),
                 state_digest: Some(crate::crd::StateDigest::Linear),
+                check_every_batch: Some(true),
             }),
             ..PbftClusterSpec::default()
         };
@@ -322,6 +327,7 @@ mod tests {
             p.state_digest,
             pbft_replica::config::StateDigestKind::Linear
         );
+        assert!(p.check_every_batch);
         pbft_replica::keys::key_ring(&cfg).unwrap();
     }
 

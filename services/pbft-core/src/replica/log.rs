@@ -9,14 +9,16 @@ use crate::types::{Digest, ReplicaId};
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Slot {
     pub pre_prepare: Option<Signed<PrePrepare>>,
-    /// First prepare from each replica (a second, different one is equivocation).
+    /// First prepare from each replica (a second with another digest is equivocation),
+    /// replaced only by the same vote upgraded to vouching.
     pub prepares: BTreeMap<ReplicaId, Signed<Prepare>>,
     pub commits: BTreeMap<ReplicaId, Signed<Commit>>,
     pub prepared: bool,
     pub committed: bool,
     /// Every request of the batch is known to carry its client's valid signature: this
     /// replica checked them (or proposed them), or the batch came from a prepared
-    /// certificate. Own prepares vouch exactly when this holds.
+    /// certificate. A backup's prepare vouches only if this held when it was sent (or
+    /// upgraded: `Replica::upgrade_own_prepare`).
     pub valid: bool,
     /// This replica checked the batch's signatures and one failed: the primary is faulty.
     pub invalid: bool,
@@ -51,17 +53,18 @@ impl Slot {
         needed: usize,
         vouches: usize,
     ) -> Option<Vec<Signed<Prepare>>> {
-        let (mut chosen, others): (Vec<_>, Vec<_>) = self
+        let (vouching, others): (Vec<_>, Vec<_>) = self
             .matching_prepares(primary)
             .into_iter()
             .partition(|p| p.body.vouches);
-        if chosen.len() < vouches {
+        if vouching.len() < vouches {
             return None;
         }
-        chosen.extend(others);
-        (chosen.len() >= needed).then(|| {
-            chosen.truncate(needed);
-            chosen
+        let mut prepares = vouching;
+        prepares.extend(others);
+        (prepares.len() >= needed).then(|| {
+            prepares.truncate(needed);
+            prepares
         })
     }
 

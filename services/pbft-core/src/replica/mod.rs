@@ -120,8 +120,8 @@ pub struct Replica {
 
     /// Designated vouchers that failed to vouch in time, until when they stay suspected.
     suspected: BTreeMap<ReplicaId, Tick>,
-    /// Slots prepared here without checking their batch: when to check it here if the
-    /// vouchers have not vouched by then, in which view.
+    /// Slots accepted here without checking their batch (an unvouched prepare sent): when
+    /// to check it here if the vouchers have not vouched by then, in which view.
     vouch_deadlines: BTreeSet<(Tick, View, Seq)>,
 
     last_progress: Tick,

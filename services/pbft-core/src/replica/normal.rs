@@ -77,8 +77,8 @@ impl Replica {
             self.enqueue(req);
             self.try_propose();
         } else {
-            // Clients send every request to every replica (to collect replies), so the primary
-            // normally has it already: a backup forwards it only once it has waited a while
+            // A client sends a request to every replica until each knows its stream, and on
+            // a retry; the primary normally has it already: a backup forwards it only once it has waited a while
             // (see `forward_overdue`); if the primary still ignores it, the view-change timer
             // runs out.
             self.wait_for(req, from == Source::Client);
@@ -417,9 +417,12 @@ impl Replica {
         if let Some(old) = slot.prepares.get(&m.body.replica) {
             if old.body.digest == m.body.digest && m.body.vouches && !old.body.vouches {
                 // The sender checked the batch after all (its vouchers were late): the same
-                // vote, now vouching.
-                slot.prepares.insert(m.body.replica, m);
+                // vote, now vouching. It is evidently stuck on this slot: if we committed
+                // it, send it our votes.
+                let sender = m.body.replica;
+                slot.prepares.insert(sender, m);
                 self.check_prepared(seq);
+                self.help_peer(sender, seq);
                 return;
             }
             let reason = if old.body.digest == m.body.digest {
@@ -447,7 +450,8 @@ impl Replica {
         let Some(slot) = self.slots.get(&seq) else {
             return;
         };
-        if slot.prepared {
+        // A batch this replica found forged never prepares here, whatever others vouch.
+        if slot.prepared || slot.invalid {
             return;
         }
         let Some(pp) = slot.pre_prepare.clone() else {

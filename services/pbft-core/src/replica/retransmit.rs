@@ -33,6 +33,10 @@ impl Replica {
             return;
         }
         let is_primary = self.is_primary();
+        let open: Vec<Seq> = self.slots.keys().copied().collect();
+        for seq in open {
+            self.upgrade_own_prepare(seq);
+        }
         let mut msgs: Vec<Message> = self
             .slots
             .values()
@@ -100,6 +104,10 @@ impl Replica {
         if !slot.committed {
             return;
         }
+        self.upgrade_own_prepare(seq);
+        let Some(slot) = self.slots.get(&seq) else {
+            return;
+        };
         let msgs = slot.own_votes(self.is_primary());
         self.helped.insert(to, self.now);
         for m in msgs {

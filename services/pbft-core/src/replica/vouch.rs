@@ -20,7 +20,7 @@
 use std::collections::BTreeSet;
 
 use super::Replica;
-use crate::message::{Prepare, primary};
+use crate::message::{Message, Prepare, primary};
 use crate::reject::RejectReason;
 use crate::types::{ReplicaId, Seq, View};
 
@@ -39,9 +39,11 @@ pub(crate) fn designated(view: View, seq: Seq, n: usize) -> impl Iterator<Item =
 
 impl Replica {
     /// Whether to check a proposed batch's client signatures before preparing it: this
-    /// replica is designated to vouch for it, or suspects one that is.
+    /// replica is designated to vouch for it, or suspects one that is, or is configured to
+    /// check every batch.
     pub(super) fn checks_eagerly(&self, view: View, seq: Seq) -> bool {
-        designated(view, seq, self.n()).any(|r| r == self.id || self.suspects(r))
+        self.cfg.check_every_batch
+            || designated(view, seq, self.n()).any(|r| r == self.id || self.suspects(r))
     }
 
     fn suspects(&self, r: ReplicaId) -> bool {
@@ -50,7 +52,8 @@ impl Replica {
             .is_some_and(|until| *until > self.now)
     }
 
-    /// Starts the vouch timeout of a slot this replica prepared without checking.
+    /// Starts the vouch timeout of a slot this replica accepted without checking (it sent
+    /// an unvouched prepare).
     pub(super) fn await_vouchers(&mut self, seq: Seq) {
         self.vouch_deadlines
             .insert((self.now + self.cfg.vouch_timeout, self.view, seq));
@@ -63,7 +66,9 @@ impl Replica {
                 break;
             }
             self.vouch_deadlines.pop_first();
-            if view == self.view && !self.changing {
+            // A view change moves to a higher view, so this drops deadlines of slots it
+            // cleared; the batches a new view re-proposes arrive known valid.
+            if view == self.view {
                 self.vouch_overdue(seq);
             }
         }
@@ -90,15 +95,19 @@ impl Replica {
         self.event(crate::output::Event::VouchTimeout { seq, valid });
         if !valid {
             // The primary proposed a request its client did not sign: it is faulty. The
-            // slot never prepares here; the requests' own timers (their clients retry)
-            // bring the view change.
+            // slot never prepares here (`check_prepared` refuses an invalid slot); the
+            // forged request runs no timer, and the real ones in the batch bring the view
+            // change through their clients, who retry to every replica.
             if let Some(slot) = self.slots.get_mut(&seq) {
                 slot.invalid = true;
             }
+            // Refused as a designated voucher refuses it on arrival, only later.
             self.reject(RejectReason::BadSignature);
             return;
         }
-        let until = self.now + self.cfg.vouch_timeout * SUSPICION;
+        let until = self
+            .now
+            .saturating_add(self.cfg.vouch_timeout.saturating_mul(SUSPICION));
         for r in designated(self.view, seq, self.n()) {
             if !vouched.contains(&r) {
                 self.suspected.insert(r, until);
@@ -110,34 +119,51 @@ impl Replica {
     /// The batch at `seq` is now known to be valid here: its requests are owed an execution
     /// (their timers start), and this replica's prepare vouches from now on.
     pub(super) fn batch_checked(&mut self, seq: Seq) {
-        let is_primary = self.is_primary();
         let Some(slot) = self.slots.get_mut(&seq) else {
             return;
         };
         if slot.valid {
             return;
         }
-        slot.valid = true;
         let Some(pp) = slot.pre_prepare.clone() else {
             return;
         };
-        let upgrade = slot
+        slot.valid = true;
+        self.expect_batch(pp.body.batch.requests());
+        if self.upgrade_own_prepare(seq) {
+            if let Some(prepare) = self.slots.get(&seq).and_then(|s| s.own_prepare.clone()) {
+                self.broadcast(Message::Prepare(prepare));
+            }
+        }
+        self.check_prepared(seq);
+    }
+
+    /// Replaces this backup's unvouched prepare for a slot now known valid with a vouching
+    /// one (sent by the caller). Besides a batch checked here, this covers one made valid by
+    /// a certificate's f+1 vouchers: such a replica does not re-send at once (it would cost
+    /// a signature and a broadcast per batch), but when it re-sends or helps a stuck peer,
+    /// its vouch may be the one that peer lacks (say faulty vouchers withheld theirs from
+    /// it). Returns whether it upgraded.
+    pub(super) fn upgrade_own_prepare(&mut self, seq: Seq) -> bool {
+        let Some(slot) = self.slots.get(&seq) else {
+            return false;
+        };
+        let Some(body) = slot
             .own_prepare
             .as_ref()
-            .filter(|p| !p.body.vouches && !is_primary)
+            .filter(|p| slot.valid && !p.body.vouches)
             .map(|p| Prepare {
                 vouches: true,
                 ..p.body.clone()
-            });
-        self.expect_batch(pp.body.batch.requests());
-        if let Some(body) = upgrade {
-            let prepare = self.sign(body);
-            let slot = self.slot(seq);
-            slot.prepares.insert(prepare.body.replica, prepare.clone());
-            slot.own_prepare = Some(prepare.clone());
-            self.broadcast(crate::message::Message::Prepare(prepare));
-        }
-        self.check_prepared(seq);
+            })
+        else {
+            return false;
+        };
+        let prepare = self.sign(body);
+        let slot = self.slot(seq);
+        slot.prepares.insert(prepare.body.replica, prepare.clone());
+        slot.own_prepare = Some(prepare);
+        true
     }
 }
 
