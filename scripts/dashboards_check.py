@@ -86,6 +86,10 @@ COMPANIONS: dict[str, list[tuple[str, Check, str]]] = {
         ("pbft_peer_connected",
          lambda v: len(v) == REPLICAS * (REPLICAS - 1) and all(x == 1 for x in v), f"{REPLICAS * (REPLICAS - 1)} links, all 1"),
     ],
+    "PbftForgedRequest": [
+        ('sum by (namespace, pbft_cluster) (increase(pbft_vouch_timeouts_total{verdict="forged"}[10m]))',
+         lambda v: v == [0], "no forged request found"),
+    ],
     "PbftQuorumAtRisk": [
         ("sum by (namespace, pbft_cluster) ( pbft_peers_connected >= bool 2 * floor(count without (peer) (pbft_peer_connected) / 3) )",
          lambda v: v == [REPLICAS], f"{REPLICAS} replicas connected to 2f peers"),

@@ -704,7 +704,8 @@ def check_rules_static() -> str:
     exported = exported_metrics()
     alerts = [r for g in doc["groups"] for r in g["rules"] if "alert" in r]
     names = {r["alert"] for r in alerts}
-    want = {"PbftNoProgress", "PbftViewChangeStorm", "PbftReplicaLagging", "PbftPeerUnreachable", "PbftQuorumAtRisk"}
+    want = {"PbftNoProgress", "PbftViewChangeStorm", "PbftReplicaLagging", "PbftPeerUnreachable", "PbftQuorumAtRisk",
+            "PbftForgedRequest"}
     expect(want <= names, f"missing alerts: {sorted(want - names)}")
     ops = (ROOT / "docs" / "OPERATIONS.md")
     ops_text = ops.read_text() if ops.is_file() else ""
