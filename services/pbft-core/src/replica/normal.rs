@@ -78,9 +78,9 @@ impl Replica {
             self.try_propose();
         } else {
             // A client sends a request to every replica until each knows its stream, and on
-            // a retry; the primary normally has it already: a backup forwards it only once it has waited a while
-            // (see `forward_overdue`); if the primary still ignores it, the view-change timer
-            // runs out.
+            // a retry; the primary normally has it already: a backup forwards it only once
+            // it has waited a while (see `forward_overdue`); if the primary still ignores
+            // it, the view-change timer runs out.
             self.wait_for(req, from == Source::Client);
         }
     }
@@ -347,10 +347,7 @@ impl Replica {
         if !self.checks_eagerly(pp.view, pp.seq) {
             return Ok(false);
         }
-        if Request::verify_all(&unchecked, self.verifier.as_ref())
-            .into_iter()
-            .all(|ok| ok)
-        {
+        if self.all_signed(&unchecked) {
             Ok(true)
         } else {
             Err(RejectReason::BadSignature)
@@ -359,8 +356,11 @@ impl Replica {
 
     /// Whether every request's client signature holds, checked in one batch.
     pub(super) fn signatures_hold(&self, requests: &[Request]) -> bool {
-        let refs: Vec<&Request> = requests.iter().collect();
-        Request::verify_all(&refs, self.verifier.as_ref())
+        self.all_signed(&requests.iter().collect::<Vec<_>>())
+    }
+
+    fn all_signed(&self, requests: &[&Request]) -> bool {
+        Request::verify_all(requests, self.verifier.as_ref())
             .into_iter()
             .all(|ok| ok)
     }
