@@ -6,9 +6,7 @@ use std::collections::BTreeMap;
 
 use super::Replica;
 use crate::block::CheckpointCert;
-use crate::message::{
-    Message, NewView, PrePrepare, Prepare, PreparedProof, Signed, ViewChange, primary,
-};
+use crate::message::{Message, NewView, PrePrepare, PreparedProof, Signed, ViewChange, primary};
 use crate::output::Event;
 use crate::reject::RejectReason;
 use crate::request::Batch;
@@ -199,20 +197,26 @@ impl Replica {
         if !self.verify(pp) || pp.body.batch.digest() != pp.body.digest {
             return false;
         }
-        let prepares: Vec<Signed<Prepare>> = p
-            .prepares
-            .iter()
-            .filter(|m| m.body.replica != leader)
-            .cloned()
-            .collect();
-        let matches = |b: &Prepare| {
-            b.view == pp.body.view && b.seq == pp.body.seq && b.digest == pp.body.digest
-        };
-        let verifier = self.verifier.as_ref();
-        crate::block::distinct_valid_signers(&prepares, n, verifier, |b| b.vouches && matches(b))
-            >= self.vouches_needed()
-            && crate::block::distinct_valid_signers(&prepares, n, verifier, matches)
-                >= self.cfg.quorum() - 1
+        // One pass, one signature check per prepare that could still count: for each
+        // backup, whether it validly prepared this batch and whether it vouched.
+        let mut signers: std::collections::BTreeMap<ReplicaId, bool> = Default::default();
+        for m in &p.prepares {
+            let b = &m.body;
+            let author = b.replica;
+            let counted = signers.get(&author).copied();
+            if author == leader
+                || (author.0 as usize) >= n
+                || counted == Some(true)
+                || (counted == Some(false) && !b.vouches)
+                || (b.view, b.seq, b.digest) != (pp.body.view, pp.body.seq, pp.body.digest)
+                || !m.verify(n, self.verifier.as_ref())
+            {
+                continue;
+            }
+            signers.insert(author, b.vouches);
+        }
+        let vouching = signers.values().filter(|v| **v).count();
+        signers.len() >= self.cfg.quorum() - 1 && vouching >= self.vouches_needed()
     }
 
     /// The new primary derives the new view's pre-prepares from the view changes: every
