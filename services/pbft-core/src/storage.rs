@@ -56,7 +56,7 @@ pub struct Recovered {
 }
 
 /// A storage failure. The replica cannot continue safely after one: adapters stop it.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum StorageError {
     #[error("storage I/O failed: {0}")]
     Io(String),

@@ -4,8 +4,8 @@
 //! Why a thread of its own: an fsync takes a millisecond or more, and while the node loop
 //! waited for it, it could not check the next pre-prepare's signatures or count votes. Now
 //! the node loop hands each output over and goes on; this thread takes every output that
-//! is waiting, makes all their writes durable in one transaction (group commit: one fsync
-//! for many outputs), and only then sends their messages and replies. No message or reply
+//! is waiting, makes all their writes durable as one journal entry (group commit: one
+//! fdatasync for many outputs), and only then sends their messages and replies. No message or reply
 //! of an output leaves before the writes of that output and of every output before it are
 //! durable, which is exactly the ordering the core's [`Output`] asks for.
 
