@@ -15,8 +15,11 @@
 //! redb's `meta` table records the last entry applied (`"journal"`) in the transaction that
 //! applies it, so replay after a crash skips what redb already has.
 //!
-//! Entry: `[body length: u32 LE][XXH3-64 of the body: u64 LE][body]`, the body being
+//! A segment starts with `pbftjnl1` and a random 64-bit seed; then come its entries, each
+//! `[body length: u32 LE][XXH3-64 of the body, seeded: u64 LE][body]`, the body being
 //! `[entry number: u64 LE]` and then the operations, each `[tag: u8][length: u32 LE][payload]`.
+//! The seed is secret to the replica, so bytes a client chose (a value it wrote) can never
+//! pass for an entry when replay searches damaged bytes for one.
 //! A record that carries a batch is written whole the first time its batch appears in a
 //! segment, and after that as the batch's digest and the record without it, so a batch is
 //! written once per segment however many records carry it. Segments are self-contained.
@@ -24,11 +27,12 @@
 //! A crash in the middle of an append leaves a torn last entry (short, or failing its
 //! checksum) in the newest segment. Nothing of it was acknowledged (no message or reply
 //! leaves before its `fdatasync` returns), so replay drops it. A bad entry that a good one
-//! follows, or one in an older segment, cannot come from a crash and is reported as
-//! corruption.
+//! follows, one in an older segment, or a gap in the entry numbers cannot come from a
+//! crash and is reported as corruption.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
+use std::hash::{BuildHasher, Hasher};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
@@ -82,6 +86,8 @@ const WHOLE: u8 = 0;
 const SHALLOW: u8 = 1;
 
 const ENTRY_HEADER: usize = 4 + 8;
+const MAGIC: &[u8; 8] = b"pbftjnl1";
+const SEGMENT_HEADER: usize = MAGIC.len() + 8;
 /// Larger entries are refused on replay as damage: one persist call holds at most a few
 /// batches, each at most a few MiB.
 const MAX_ENTRY: usize = 1 << 30;
@@ -124,13 +130,20 @@ pub(super) fn segments(db: &Path) -> Result<Vec<(u64, PathBuf)>, StorageError> {
 }
 
 /// Deletes the segments whose entries are all at or below `upto` (every segment that starts
-/// there or below: segments end where a hand-off cut them).
+/// there or below: segments end where a hand-off cut them), durably: a deleted segment
+/// that came back after a crash would no longer be the newest, and its torn tail, if it
+/// had one, would read as damage.
 pub(super) fn remove_segments(db: &Path, upto: u64) -> Result<(), StorageError> {
+    let mut removed = false;
     for (first, path) in segments(db)? {
         if first <= upto {
             fs::remove_file(&path)
                 .map_err(|e| io(format_args!("removing {}", path.display()), e))?;
+            removed = true;
         }
+    }
+    if removed {
+        sync_dir(db)?;
     }
     Ok(())
 }
@@ -163,27 +176,41 @@ pub(super) struct Journal {
     file: File,
     path: PathBuf,
     next: u64,
+    /// The current segment's checksum seed.
+    seed: u64,
     /// Batches written whole in the current segment, by (sequence, digest).
     batches: HashSet<(Seq, Digest)>,
     buf: Vec<u8>,
+    /// An append failed: what it left in the file is unknown, so nothing may follow it.
+    broken: bool,
 }
 
 impl Journal {
     /// Starts a new segment whose first entry will be `next`.
     pub(super) fn start(db: &Path, next: u64) -> Result<Journal, StorageError> {
-        let (file, path) = create_segment(db, next)?;
+        let (file, path, seed) = create_segment(db, next)?;
         Ok(Journal {
             db: db.to_path_buf(),
             file,
             path,
             next,
+            seed,
             batches: HashSet::new(),
             buf: Vec::new(),
+            broken: false,
         })
     }
 
     /// Appends `ops` as one entry and makes it durable. Returns the entry's number and size.
     pub(super) fn append(&mut self, ops: &[Op]) -> Result<(u64, u64), StorageError> {
+        if self.broken {
+            return Err(StorageError::Io(
+                "journal: an earlier append failed; restart to replay the journal".into(),
+            ));
+        }
+        // A failed append may leave a partial entry, and `batches` may name batches that
+        // never reached the file: the store stops here, and replay drops the torn tail.
+        self.broken = true;
         let number = self.next;
         self.buf.clear();
         self.buf.extend_from_slice(&[0; ENTRY_HEADER]);
@@ -200,7 +227,7 @@ impl Journal {
                     "journal: an entry of {body_len} bytes is too large"
                 ))
             })?;
-        let sum = xxhash_rust::xxh3::xxh3_64(&self.buf[ENTRY_HEADER..]);
+        let sum = xxhash_rust::xxh3::xxh3_64_with_seed(&self.buf[ENTRY_HEADER..], self.seed);
         self.buf[..4].copy_from_slice(&len.to_le_bytes());
         self.buf[4..ENTRY_HEADER].copy_from_slice(&sum.to_le_bytes());
         let path = &self.path;
@@ -209,30 +236,43 @@ impl Journal {
             .and_then(|()| self.file.sync_data())
             .map_err(|e| io(format_args!("appending to {}", path.display()), e))?;
         self.next += 1;
+        self.broken = false;
         Ok((number, self.buf.len() as u64))
     }
 
     /// Ends the current segment (its last entry is the one appended last) and starts the
     /// next, so that the ended one can be deleted once redb holds it.
     pub(super) fn rotate(&mut self) -> Result<(), StorageError> {
-        let (file, path) = create_segment(&self.db, self.next)?;
+        let (file, path, seed) = create_segment(&self.db, self.next)?;
         self.file = file;
         self.path = path;
+        self.seed = seed;
         self.batches.clear();
         Ok(())
     }
 }
 
-fn create_segment(db: &Path, first: u64) -> Result<(File, PathBuf), StorageError> {
+/// Creates the segment starting at entry `first`, with its header; the first append's
+/// fdatasync makes the header durable with the entry. Returns the checksum seed.
+fn create_segment(db: &Path, first: u64) -> Result<(File, PathBuf, u64), StorageError> {
     let path = segment_path(db, first);
-    let file = OpenOptions::new()
+    // std's hasher keys are random per process: an unpredictable seed without a
+    // dependency.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(first);
+    let seed = h.finish();
+    let mut file = OpenOptions::new()
         .create(true)
         .truncate(true)
         .write(true)
         .open(&path)
         .map_err(|e| io(format_args!("creating {}", path.display()), e))?;
+    let mut header = MAGIC.to_vec();
+    header.extend_from_slice(&seed.to_le_bytes());
+    file.write_all(&header)
+        .map_err(|e| io(format_args!("writing {}", path.display()), e))?;
     sync_dir(&path)?;
-    Ok((file, path))
+    Ok((file, path, seed))
 }
 
 fn put_op(buf: &mut Vec<u8>, tag: u8, payload: &[u8]) {
@@ -299,16 +339,23 @@ pub(super) fn replay(db: &Path, applied: u64) -> Result<Replayed, StorageError> 
         File::open(path)
             .and_then(|mut f| f.read_to_end(&mut data))
             .map_err(|e| io(format_args!("reading {}", path.display()), e))?;
+        let seed = match segment_seed(&data) {
+            Some(seed) => seed,
+            // A crash right after creating the newest segment: nothing was written to it.
+            None if newest && data.len() < SEGMENT_HEADER => continue,
+            None => return Err(corrupt(path, 0, "not a journal segment (bad header)")),
+        };
         let mut batches: HashMap<(Seq, Digest), Batch> = HashMap::new();
-        let mut at = 0;
+        let mut at = SEGMENT_HEADER;
         while at < data.len() {
-            let body = match entry_at(&data, at) {
+            let body = match entry_at(&data, at, seed) {
                 Ok(body) => body,
                 Err(what)
                     if newest
-                        && !valid_entry_follows(
+                        && !entry_follows(
                             &data,
                             at,
+                            seed,
                             prev.unwrap_or(first.saturating_sub(1)),
                         ) =>
                 {
@@ -323,12 +370,22 @@ pub(super) fn replay(db: &Path, applied: u64) -> Result<Replayed, StorageError> 
                 }
                 Err(what) => return Err(corrupt(path, at, what)),
             };
-            let number = u64::from_le_bytes(body[..8].try_into().unwrap_or_default());
-            if prev.is_some_and(|p| number <= p) {
+            let number = entry_number(body);
+            // Entries redb lacks must run on from what it holds without a gap; older
+            // ones (a segment whose deletion a crash undid) only need to be in order.
+            let expected = if number > applied {
+                Some(prev.map_or(applied, |p| p.max(applied)) + 1)
+            } else {
+                prev.map(|p| p + 1)
+            };
+            if number == u64::MAX || expected.is_some_and(|e| number != e) {
                 return Err(corrupt(
                     path,
                     at,
-                    format_args!("entry {number} follows entry {}", prev.unwrap_or_default()),
+                    format_args!(
+                        "entry {number} where entry {} belongs",
+                        expected.unwrap_or_default()
+                    ),
                 ));
             }
             prev = Some(number);
@@ -344,34 +401,57 @@ pub(super) fn replay(db: &Path, applied: u64) -> Result<Replayed, StorageError> 
     Ok(out)
 }
 
+/// The checksum seed of a segment that starts with a good header.
+fn segment_seed(data: &[u8]) -> Option<u64> {
+    let header = data.get(..SEGMENT_HEADER)?;
+    if &header[..MAGIC.len()] != MAGIC {
+        return None;
+    }
+    Some(u64::from_le_bytes(header[MAGIC.len()..].try_into().ok()?))
+}
+
+fn entry_number(body: &[u8]) -> u64 {
+    let mut n = [0; 8];
+    n.copy_from_slice(&body[..8]);
+    u64::from_le_bytes(n)
+}
+
+/// Entries after a bad one that [`entry_follows`] looks for: damage that spans more
+/// entries than this reads as a torn tail.
+const SEARCH_AHEAD: u64 = 64;
+
 /// Whether a good entry lies after the bad one at `at`: then the bad one is damage, not a
-/// torn last write. Its length may be damaged too, so the next entry is looked for by its
-/// number (two past the last good entry: the bad one would be the first), wherever it is.
-fn valid_entry_follows(data: &[u8], at: usize, last_good: u64) -> bool {
-    let Some(next) = last_good.checked_add(2) else {
-        return false;
-    };
-    let needle = next.to_le_bytes();
-    let start = at + ENTRY_HEADER + 1;
-    (start..data.len().saturating_sub(needle.len() - 1))
-        .filter(|&i| data[i..i + needle.len()] == needle)
-        .any(|i| entry_at(data, i - ENTRY_HEADER).is_ok())
+/// torn last write. The bad entry's length may be damaged too, so the following entries
+/// are looked for by their numbers (up to [`SEARCH_AHEAD`] past the bad one) at every
+/// offset; the seeded checksum makes a false match vanishingly unlikely, whatever the
+/// bytes.
+fn entry_follows(data: &[u8], at: usize, seed: u64, last_good: u64) -> bool {
+    let wanted = last_good.saturating_add(2)..=last_good.saturating_add(SEARCH_AHEAD + 1);
+    (at + 1..data.len().saturating_sub(ENTRY_HEADER + 8)).any(|i| {
+        let mut n = [0; 8];
+        n.copy_from_slice(&data[i + ENTRY_HEADER..i + ENTRY_HEADER + 8]);
+        wanted.contains(&u64::from_le_bytes(n)) && entry_at(data, i, seed).is_ok()
+    })
 }
 
 /// The body of the entry at `at`, checked against its checksum.
-fn entry_at(data: &[u8], at: usize) -> Result<&[u8], &'static str> {
+fn entry_at(data: &[u8], at: usize, seed: u64) -> Result<&[u8], &'static str> {
     let header = data
-        .get(at..at + ENTRY_HEADER)
+        .get(at..at.saturating_add(ENTRY_HEADER))
         .ok_or("short entry header")?;
-    let len = u32::from_le_bytes(header[..4].try_into().map_err(|_| "short entry header")?);
-    let sum = u64::from_le_bytes(header[4..].try_into().map_err(|_| "short entry header")?);
-    let len = len as usize;
+    let mut len = [0; 4];
+    len.copy_from_slice(&header[..4]);
+    let mut sum = [0; 8];
+    sum.copy_from_slice(&header[4..]);
+    let len = u32::from_le_bytes(len) as usize;
     if !(8..MAX_ENTRY).contains(&len) {
         return Err("entry length out of range");
     }
     let start = at + ENTRY_HEADER;
-    let body = data.get(start..start + len).ok_or("short entry")?;
-    if xxhash_rust::xxh3::xxh3_64(body) != sum {
+    let body = data
+        .get(start..start.saturating_add(len))
+        .ok_or("short entry")?;
+    if xxhash_rust::xxh3::xxh3_64_with_seed(body, seed) != u64::from_le_bytes(sum) {
         return Err("checksum mismatch");
     }
     Ok(body)
@@ -388,8 +468,10 @@ fn decode_ops(
         }
         let tag = rest[0];
         let len = u32::from_le_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
-        let payload = rest.get(5..5 + len).ok_or("short operation")?;
-        rest = &rest[5 + len..];
+        let payload = rest
+            .get(5..5usize.saturating_add(len))
+            .ok_or("short operation")?;
+        rest = &rest[5 + payload.len()..];
         ops.push(match tag {
             TAG_VIEW => {
                 if payload.len() != 9 {
@@ -461,5 +543,151 @@ fn get_record<T: WithBatch>(
             Ok(record)
         }
         other => Err(format!("unknown record form {other}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tempfile::TempDir;
+
+    use super::*;
+
+    fn view(v: u64) -> Op {
+        Op::View {
+            view: v,
+            changing: false,
+        }
+    }
+
+    fn views(r: &Replayed) -> Vec<u64> {
+        r.ops
+            .iter()
+            .map(|op| match op {
+                Op::View { view, .. } => *view,
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect()
+    }
+
+    /// Entries 1-2 in the first segment, 3-4 in the second, 5 in the third.
+    fn three_segments(dir: &TempDir) -> PathBuf {
+        let db = dir.path().join("pbft.redb");
+        let mut j = Journal::start(&db, 1).unwrap();
+        for v in 1..=5 {
+            j.append(&[view(v)]).unwrap();
+            if v == 2 || v == 4 {
+                j.rotate().unwrap();
+            }
+        }
+        db
+    }
+
+    #[test]
+    fn replay_returns_the_entries_after_the_applied_one_across_segments() {
+        let dir = TempDir::new().unwrap();
+        let db = three_segments(&dir);
+        assert_eq!(segments(&db).unwrap().len(), 3);
+        for applied in 0..=6 {
+            let r = replay(&db, applied).unwrap();
+            let want: Vec<u64> = (applied + 1..=5).collect();
+            assert_eq!(views(&r), want, "applied {applied}");
+            assert_eq!(r.last, applied.max(5));
+        }
+        remove_segments(&db, 4).unwrap();
+        assert_eq!(segments(&db).unwrap().len(), 1);
+        assert_eq!(views(&replay(&db, 4).unwrap()), vec![5]);
+    }
+
+    #[test]
+    fn a_missing_segment_is_a_gap_not_a_shorter_journal() {
+        let dir = TempDir::new().unwrap();
+        let db = three_segments(&dir);
+        let (_, middle) = segments(&db).unwrap().remove(1);
+        fs::remove_file(middle).unwrap();
+        let err = replay(&db, 0).map(|r| r.last).unwrap_err();
+        assert!(
+            err.to_string().contains("entry 5 where entry 3 belongs"),
+            "{err}"
+        );
+        // Redb already holding the missing entries makes it no gap.
+        assert_eq!(views(&replay(&db, 4).unwrap()), vec![5]);
+    }
+
+    #[test]
+    fn a_bad_header_is_corrupt_except_on_an_empty_newest_segment() {
+        let dir = TempDir::new().unwrap();
+        let db = three_segments(&dir);
+        let segs = segments(&db).unwrap();
+        // A crash right after creating a segment leaves it short of its header.
+        fs::write(&segs[2].1, &MAGIC[..3]).unwrap();
+        assert_eq!(views(&replay(&db, 0).unwrap()), vec![1, 2, 3, 4]);
+        let mut bytes = fs::read(&segs[0].1).unwrap();
+        bytes[0] ^= 1;
+        fs::write(&segs[0].1, &bytes).unwrap();
+        let err = replay(&db, 0).map(|r| r.last).unwrap_err();
+        assert!(err.to_string().contains("bad header"), "{err}");
+    }
+
+    #[test]
+    fn damage_across_several_entries_is_corrupt_but_a_torn_tail_is_dropped() {
+        let dir = TempDir::new().unwrap();
+        let db = dir.path().join("pbft.redb");
+        let mut j = Journal::start(&db, 1).unwrap();
+        let mut ends = vec![SEGMENT_HEADER as u64];
+        for v in 1..=8 {
+            let (_, bytes) = j.append(&[view(v)]).unwrap();
+            ends.push(ends.last().unwrap() + bytes);
+        }
+        let path = segments(&db).unwrap().remove(0).1;
+        let good = fs::read(&path).unwrap();
+        // Entries 2 to 4 overwritten with zeros (a lost page): the good entries after
+        // them show this is damage.
+        let mut bytes = good.clone();
+        bytes[ends[1] as usize..ends[4] as usize].fill(0);
+        fs::write(&path, &bytes).unwrap();
+        let err = replay(&db, 0).map(|r| r.last).unwrap_err();
+        assert!(err.to_string().contains("offset"), "{err}");
+        // A flipped length in entry 2: the same.
+        let mut bytes = good.clone();
+        bytes[ends[1] as usize] ^= 0x40;
+        fs::write(&path, &bytes).unwrap();
+        assert!(replay(&db, 0).is_err());
+        // The same damage to the last entry alone is a torn tail.
+        let mut bytes = good.clone();
+        bytes[ends[7] as usize..].fill(0);
+        fs::write(&path, &bytes).unwrap();
+        assert_eq!(views(&replay(&db, 0).unwrap()), (1..=7).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn an_entry_checksummed_under_another_segments_seed_does_not_pass() {
+        let dir = TempDir::new().unwrap();
+        let db = dir.path().join("pbft.redb");
+        let mut j = Journal::start(&db, 1).unwrap();
+        j.append(&[view(1)]).unwrap();
+        j.rotate().unwrap();
+        j.append(&[view(2)]).unwrap();
+        let segs = segments(&db).unwrap();
+        let first = fs::read(&segs[0].1).unwrap();
+        let second = fs::read(&segs[1].1).unwrap();
+        assert_ne!(
+            first[MAGIC.len()..SEGMENT_HEADER],
+            second[MAGIC.len()..SEGMENT_HEADER]
+        );
+        // The second segment's entry moved under the first one's header.
+        let mut moved = first[..SEGMENT_HEADER].to_vec();
+        moved.extend_from_slice(&second[SEGMENT_HEADER..]);
+        assert!(entry_at(&moved, SEGMENT_HEADER, segment_seed(&moved).unwrap()).is_err());
+    }
+
+    #[test]
+    fn an_append_after_a_failed_one_is_refused() {
+        let dir = TempDir::new().unwrap();
+        let db = dir.path().join("pbft.redb");
+        let mut j = Journal::start(&db, 1).unwrap();
+        j.append(&[view(1)]).unwrap();
+        j.broken = true;
+        let err = j.append(&[view(2)]).unwrap_err();
+        assert!(err.to_string().contains("earlier append failed"), "{err}");
     }
 }
