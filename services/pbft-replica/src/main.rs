@@ -8,6 +8,12 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use pbft_replica::config::{Config, TransportKind};
 
+/// mimalloc instead of glibc's malloc: allocation and freeing were 7-9 % of a loaded
+/// replica's CPU (every message, batch and reply allocates), and glibc's arenas grow under
+/// many threads.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Flags override environment variables, which override the YAML file.
 #[derive(Parser, Debug)]
 #[command(
