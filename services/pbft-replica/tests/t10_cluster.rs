@@ -63,6 +63,30 @@ fn commits_and_agrees(transport: &'static str) {
     }
 }
 
+/// With a backup down from the start, the client still sends to the primary alone once
+/// the other three know its stream: the live backups learn of the requests from
+/// pre-prepares and push their replies.
+fn a_dead_backup_does_not_make_the_client_broadcast(transport: &'static str) {
+    let mut c = Cluster::start(transport);
+    c.wait_all_ready();
+    c.kill(3);
+    let rt = rt();
+    let client = rt.block_on(c.client(0));
+    put_many(&rt, &client, "k", 30);
+    c.wait_agree(&[0, 1, 2], 30, Duration::from_secs(20));
+    let submitted = |i| c.metric(i, "pbft_client_requests_total", "outcome=\"submitted\"");
+    let pushed = |i| c.metric(i, "pbft_client_requests_total", "outcome=\"pushed\"");
+    assert!(submitted(0) >= 30.0, "the primary got every request");
+    for backup in 1..3 {
+        assert!(
+            submitted(backup) < 10.0 && pushed(backup) >= 20.0,
+            "backup {backup}: {} submitted, {} pushed",
+            submitted(backup),
+            pushed(backup)
+        );
+    }
+}
+
 fn backup_restart_catches_up(transport: &'static str) {
     let mut c = Cluster::start(transport);
     c.wait_all_ready();
@@ -228,6 +252,7 @@ macro_rules! on_transports {
 
 on_transports!(
     commits_and_agrees,
+    a_dead_backup_does_not_make_the_client_broadcast,
     backup_restart_catches_up,
     primary_kill_view_change,
     wiped_replica_state_transfer,
