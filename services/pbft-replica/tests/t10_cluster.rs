@@ -50,15 +50,26 @@ fn commits_and_agrees(transport: &'static str) {
     c.wait_agree(&[0, 1, 2, 3], 33, Duration::from_secs(20));
     // After its first request the client sent to the primary alone; the backups learnt of
     // the rest from pre-prepares and pushed their replies down the client's streams.
+    sent_to_the_primary_alone(&c, 34.0, 1..4, 24.0);
+}
+
+/// The primary got at least `requests` requests, and each of `backups` got few of them
+/// and pushed at least `pushed` replies for the ones it learnt from pre-prepares.
+fn sent_to_the_primary_alone(
+    c: &Cluster,
+    requests: f64,
+    backups: std::ops::Range<usize>,
+    pushed: f64,
+) {
     let submitted = |i| c.metric(i, "pbft_client_requests_total", "outcome=\"submitted\"");
-    let pushed = |i| c.metric(i, "pbft_client_requests_total", "outcome=\"pushed\"");
-    assert!(submitted(0) >= 34.0, "the primary got every request");
-    for backup in 1..4 {
+    let pushed_by = |i| c.metric(i, "pbft_client_requests_total", "outcome=\"pushed\"");
+    assert!(submitted(0) >= requests, "the primary got every request");
+    for backup in backups {
         assert!(
-            submitted(backup) < 10.0 && pushed(backup) >= 24.0,
+            submitted(backup) < 10.0 && pushed_by(backup) >= pushed,
             "backup {backup}: {} submitted, {} pushed",
             submitted(backup),
-            pushed(backup)
+            pushed_by(backup)
         );
     }
 }
@@ -74,17 +85,7 @@ fn a_dead_backup_does_not_make_the_client_broadcast(transport: &'static str) {
     let client = rt.block_on(c.client(0));
     put_many(&rt, &client, "k", 30);
     c.wait_agree(&[0, 1, 2], 30, Duration::from_secs(20));
-    let submitted = |i| c.metric(i, "pbft_client_requests_total", "outcome=\"submitted\"");
-    let pushed = |i| c.metric(i, "pbft_client_requests_total", "outcome=\"pushed\"");
-    assert!(submitted(0) >= 30.0, "the primary got every request");
-    for backup in 1..3 {
-        assert!(
-            submitted(backup) < 10.0 && pushed(backup) >= 20.0,
-            "backup {backup}: {} submitted, {} pushed",
-            submitted(backup),
-            pushed(backup)
-        );
-    }
+    sent_to_the_primary_alone(&c, 30.0, 1..3, 20.0);
 }
 
 fn backup_restart_catches_up(transport: &'static str) {
