@@ -142,6 +142,7 @@ impl Connections {
         Ok(Connections {
             mux: Arc::new(Mux {
                 links: (0..n).map(|_| Mutex::new(None)).collect(),
+                reopened: (0..n).map(|_| Mutex::new(None)).collect(),
                 replicas,
                 inboxes: Arc::default(),
             }),
@@ -166,8 +167,15 @@ struct Mux {
     replicas: Vec<ClientServiceClient<Channel>>,
     /// Each replica's open stream, if any.
     links: Vec<Mutex<Option<Link>>>,
+    /// When a probe last reopened each replica's stream (see [`Mux::may_probe`]).
+    reopened: Vec<Mutex<Option<std::time::Instant>>>,
     inboxes: Inboxes,
 }
+
+/// How often a probe may reopen the stream to a replica whose stream is down: a dead
+/// replica's stream fails at once, and every client on it then retries its request to
+/// every replica, so this bounds that to once per interval.
+const PROBE_REOPEN: Duration = Duration::from_secs(1);
 
 /// One replica's stream: where to queue requests, and which opening of it this is.
 #[derive(Clone)]
@@ -202,6 +210,20 @@ impl Mux {
             .as_ref()
             .filter(|l| !l.tx.is_closed())
             .map_or(0, |l| l.generation)
+    }
+
+    /// Whether a probe may go to replica `i`: always while its stream is open; when it is
+    /// not, once per [`PROBE_REOPEN`] for all clients together, since the probe reopens it.
+    fn may_probe(&self, i: usize) -> bool {
+        if self.generation(i) != 0 {
+            return true;
+        }
+        let mut last = lock(&self.reopened[i]);
+        if last.is_some_and(|t| t.elapsed() < PROBE_REOPEN) {
+            return false;
+        }
+        *last = Some(std::time::Instant::now());
+        true
     }
 
     /// Forgets replica `i`'s stream if it is still the `generation` one: the next request
@@ -301,11 +323,21 @@ pub struct Client {
 struct Session {
     /// For each replica, the generation of the stream over which it has received one of
     /// our requests (0: none): it then knows the stream as our route and pushes our
-    /// replies down it, even for requests it only saw in a pre-prepare. Until every
-    /// replica's current stream has carried one, requests go to every replica.
+    /// replies down it, even for requests it only saw in a pre-prepare. Until n - f
+    /// replicas' current streams have carried one, requests go to every replica.
     known: Vec<u64>,
+    /// Requests sent so far: every [`PROBE_EVERY`]th also goes to the replicas that do
+    /// not know our stream.
+    requests: u64,
     inbox: mpsc::UnboundedReceiver<Answer>,
 }
+
+/// While some replica does not know a client's stream (it was down, or restarted and its
+/// stream was reopened), every this many requests also go to it, so that a replica back
+/// from a restart learns the stream again and pushes replies down it. While it stays
+/// down, [`Mux::may_probe`] keeps the probes from reopening its stream more than once per
+/// [`PROBE_REOPEN`].
+const PROBE_EVERY: u64 = 8;
 
 /// What a replica's stream produced for us.
 enum Answer {
@@ -368,6 +400,7 @@ impl Client {
             inbox_tx,
             session: tokio::sync::Mutex::new(Session {
                 known: vec![0; n],
+                requests: 0,
                 inbox,
             }),
         }
@@ -407,13 +440,14 @@ impl Client {
     /// arrival for as long as one replica was down.
     fn quorum_known(&self, session: &Session) -> bool {
         let n = session.known.len();
-        let known = session
-            .known
-            .iter()
-            .enumerate()
-            .filter(|&(i, &g)| g != 0 && g == self.mux.generation(i))
-            .count();
+        let known = (0..n).filter(|&i| self.knows(session, i)).count();
         known >= n - (n.saturating_sub(1)) / 3
+    }
+
+    /// Whether replica `i`'s current stream has carried one of our requests.
+    fn knows(&self, session: &Session, i: usize) -> bool {
+        let g = session.known[i];
+        g != 0 && g == self.mux.generation(i)
     }
 
     /// Orders and executes one operation; returns the result f+1 replicas agree on.
@@ -441,8 +475,17 @@ impl Client {
             _ => None,
         };
         let mut sent = vec![false; n];
+        session.requests += 1;
         if let Some(p) = primary.filter(|&p| p < n) {
             sent[p] = self.send_to(&mut session, p, &pb_req);
+            if session.requests % PROBE_EVERY == 0 {
+                let unknown: Vec<usize> = (0..n)
+                    .filter(|&i| i != p && !self.knows(&session, i) && self.mux.may_probe(i))
+                    .collect();
+                for i in unknown {
+                    sent[i] = self.send_to(&mut session, i, &pb_req);
+                }
+            }
         }
         let mut retry_at = tokio::time::Instant::now() + self.retry_after;
         if !sent.iter().any(|s| *s) {
