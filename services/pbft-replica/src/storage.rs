@@ -196,7 +196,7 @@ impl Writer {
 /// Blocks and checkpoint certificates in the journal that redb does not hold yet, for
 /// readers: a peer syncing from this replica must get the newest blocks.
 #[derive(Default)]
-pub(crate) struct Overlay {
+struct Overlay {
     blocks: BTreeMap<Seq, Block>,
     certs: BTreeMap<Seq, CheckpointCert>,
 }

@@ -101,17 +101,14 @@ fn segment_path(db: &Path, first: u64) -> PathBuf {
 
 /// The journal's segments next to `db`, oldest first, with their first entry numbers.
 pub(super) fn segments(db: &Path) -> Result<Vec<(u64, PathBuf)>, StorageError> {
-    let dir = match db.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let dir = dir_of(db);
     let mut prefix = db
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     prefix.push_str(".journal.");
     let entries =
-        fs::read_dir(&dir).map_err(|e| io(format_args!("listing {}", dir.display()), e))?;
+        fs::read_dir(dir).map_err(|e| io(format_args!("listing {}", dir.display()), e))?;
     let mut out = Vec::new();
     for entry in entries {
         let entry = entry.map_err(|e| io(format_args!("listing {}", dir.display()), e))?;
@@ -159,12 +156,17 @@ fn corrupt(path: &Path, offset: usize, what: impl std::fmt::Display) -> StorageE
     ))
 }
 
-/// Makes a new directory entry (a new segment) durable.
-fn sync_dir(file: &Path) -> Result<(), StorageError> {
-    let dir = match file.parent() {
+/// The directory `file` is in (a bare file name is in the current one).
+fn dir_of(file: &Path) -> &Path {
+    match file.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
-    };
+    }
+}
+
+/// Makes a new directory entry (a new segment) durable.
+fn sync_dir(file: &Path) -> Result<(), StorageError> {
+    let dir = dir_of(file);
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| io(format_args!("syncing {}", dir.display()), e))
