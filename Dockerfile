@@ -36,6 +36,7 @@ WORKDIR /src
 # Manifests (and the protobuf build script) first, with stub targets: dependencies compile
 # once into their own layer and stay cached while only our sources change.
 COPY Cargo.toml Cargo.lock ./
+COPY .cargo .cargo
 COPY services/pbft-api/Cargo.toml services/pbft-api/build.rs services/pbft-api/
 COPY services/pbft-core/Cargo.toml services/pbft-core/
 COPY services/pbft-sim/Cargo.toml services/pbft-sim/
