@@ -36,6 +36,8 @@ run_cluster() { # n transport
         # Enough requests in flight to fill batches (the floor is stated for that).
         "$PBFT" --data "$dir" bench --concurrency 256 --payload 512 --duration "$DURATION" \
             --warmup "$WARMUP" --json "$OUT/n$n-$t-512-c256.json" --unreplicated | tail -3
+        "$PBFT" --data "$dir" bench --concurrency 1024 --payload 512 --duration "$DURATION" \
+            --warmup "$WARMUP" --json "$OUT/n$n-$t-512-c1024.json" --unreplicated | tail -3
         "$PBFT" --data "$dir" bench --rate 10000 --payload 512 --duration "$DURATION" \
             --warmup "$WARMUP" --json "$OUT/n4-grpc-open10k.json" | tail -1
     fi

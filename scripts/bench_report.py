@@ -38,7 +38,7 @@ commit_file = os.path.join(out, "commit")
 commit = (open(commit_file).read().strip() if os.path.exists(commit_file) else
           subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip())
 print(f"- commit: {commit}; release build; requests are signed (ed25519), ordered, executed and fsync'd")
-print("- command: `make bench` (closed loop with 64 requests in flight unless the row says 256, "
+print("- command: `make bench` (closed loop with 64 requests in flight unless the row says 256 or 1024, "
       "one shared set of connections for all load clients; 2 s warm-up, 10 s measured)\n")
 print("| cluster | load | payload B | committed/s | p50 ms | p90 ms | p99 ms | max ms | errors |")
 print("|---|---|---|---|---|---|---|---|---|")

@@ -152,7 +152,7 @@ impl ClusterFile {
                 public_key: to_hex(&Ed25519Signer::from_secret(secret).public().0),
             });
         }
-        let client_ids: Vec<u64> = (0..257).collect();
+        let client_ids: Vec<u64> = (0..1025).collect();
         let mut clients = Vec::new();
         for id in &client_ids {
             let secret = random_secret()?;

@@ -50,7 +50,19 @@ fn replica_binary(explicit: Option<&Path>) -> Result<PathBuf> {
     )
 }
 
-fn spawn(bin: &Path, dir: &Path, id: u32) -> Result<Child> {
+/// The async runtime threads each replica gets: its share of this machine's cores. Every
+/// replica here shares the machine, and a runtime per replica as wide as the machine only
+/// adds cross-thread wake-ups (open loop at 10,000/s on two cores: p50 12 against 14 ms,
+/// docs/BENCHMARKS.md round 10). `TOKIO_WORKER_THREADS` set by the caller wins.
+fn runtime_threads(replicas: usize) -> String {
+    if let Ok(set) = std::env::var("TOKIO_WORKER_THREADS") {
+        return set;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / replicas.max(1)).max(1).to_string()
+}
+
+fn spawn(bin: &Path, dir: &Path, id: u32, threads: &str) -> Result<Child> {
     let log = fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -62,6 +74,7 @@ fn spawn(bin: &Path, dir: &Path, id: u32) -> Result<Child> {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
+        .env("TOKIO_WORKER_THREADS", threads)
         .spawn()
         .with_context(|| format!("cannot start {}", bin.display()))
 }
@@ -113,11 +126,12 @@ pub async fn up(args: UpArgs) -> Result<()> {
         c
     };
     let bin = replica_binary(args.replica_bin.as_deref())?;
+    let threads = runtime_threads(cluster.replicas.len());
     let mut procs: Vec<Proc> = Vec::new();
     for r in &cluster.replicas {
         procs.push(Proc {
             id: r.id,
-            child: Some(spawn(&bin, &dir, r.id)?),
+            child: Some(spawn(&bin, &dir, r.id, &threads)?),
             exit: None,
         });
     }
