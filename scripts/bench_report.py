@@ -27,7 +27,7 @@ def cpu():
 def row(r):
     return (f"| {r['target']} | {r['mode']} | {r['payload_bytes']} | {r['throughput_per_sec']:.0f} "
             f"| {r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {r['p99_ms']:.1f} | {r['max_ms']:.1f} "
-            f"| {r['errors']} |")
+            f"| {r['errors']} | {r.get('missed', 0)} |")
 
 
 print("# Benchmarks\n")
@@ -40,8 +40,8 @@ commit = (open(commit_file).read().strip() if os.path.exists(commit_file) else
 print(f"- commit: {commit}; release build; requests are signed (ed25519), ordered, executed and fsync'd")
 print("- command: `make bench` (closed loop with 64 requests in flight unless the row says 256 or 1024, "
       "one shared set of connections for all load clients; 2 s warm-up, 10 s measured)\n")
-print("| cluster | load | payload B | committed/s | p50 ms | p90 ms | p99 ms | max ms | errors |")
-print("|---|---|---|---|---|---|---|---|---|")
+print("| cluster | load | payload B | committed/s | p50 ms | p90 ms | p99 ms | max ms | errors | missed |")
+print("|---|---|---|---|---|---|---|---|---|---|")
 ratio = None
 for name in sorted(glob.glob(os.path.join(out, "n*-*.json"))):
     data = json.load(open(name))
