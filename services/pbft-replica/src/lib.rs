@@ -11,6 +11,7 @@ pub mod keys;
 pub mod metrics;
 pub mod node;
 pub mod persister;
+pub mod priority;
 pub mod sidecar;
 pub mod status;
 pub mod storage;

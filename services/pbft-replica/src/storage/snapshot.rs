@@ -124,6 +124,7 @@ impl Drop for SnapshotWriter {
 }
 
 fn write_loop(shared: &Shared, file: &Path) {
+    crate::priority::lower_this_thread();
     let mut last_started: Option<Instant> = None;
     loop {
         let stable = {
