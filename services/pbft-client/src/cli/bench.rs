@@ -326,6 +326,37 @@ pub async fn run_unreplicated(
     result
 }
 
+/// How long `pbft bench` waits for a quorum of replicas that are still starting (run right
+/// after `pbft up`), and then for the rest: a replica that is down on purpose (measuring a
+/// degraded cluster) costs the second wait only.
+const QUORUM_WAIT: Duration = Duration::from_secs(30);
+const REST_WAIT: Duration = Duration::from_secs(5);
+
+/// How many replicas answer `/readyz` with 200, once all do or the waits above ran out.
+async fn wait_until_ready(cluster: &ClusterFile, quorum: usize) -> usize {
+    let started = Instant::now();
+    let mut quorum_at = None;
+    loop {
+        let up = cluster
+            .replicas
+            .iter()
+            .filter(|r| super::http::get(r.http, "/readyz").is_some_and(|(c, _)| c == 200))
+            .count();
+        if up >= quorum && quorum_at.is_none() {
+            quorum_at = Some(Instant::now());
+        }
+        let done = match quorum_at {
+            _ if up == cluster.replicas.len() => true,
+            Some(at) => at.elapsed() >= REST_WAIT,
+            None => started.elapsed() >= QUORUM_WAIT,
+        };
+        if done {
+            return up;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// `pbft bench`: the replicated run, optionally the unreplicated one, and the ratio.
 pub async fn bench(
     dir: &Path,
@@ -334,13 +365,9 @@ pub async fn bench(
     replica_bin: Option<&Path>,
 ) -> Result<()> {
     let cluster = ClusterFile::load(dir)?;
-    let up = cluster
-        .replicas
-        .iter()
-        .filter(|r| super::http::get(r.http, "/readyz").is_some_and(|(c, _)| c == 200))
-        .count();
     let n = cluster.replicas.len();
     let quorum = n - (n - 1) / 3;
+    let up = wait_until_ready(&cluster, quorum).await;
     if up < quorum {
         bail!(
             "only {up} of {n} replicas are ready, {quorum} needed: start the cluster with `pbft up --data {}` first",
