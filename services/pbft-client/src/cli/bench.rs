@@ -20,8 +20,17 @@ use crate::{Client, ClientOptions, Connections};
 /// Keys each closed-loop worker cycles through, and keys the open loop cycles through: the
 /// replicated state a benchmark builds is about (keys x payload), held in memory by every
 /// replica (and copied at each checkpoint), so it is fixed and stated in docs/BENCHMARKS.md.
+/// Workers past 256 share the 25,600 keys of 256 (1,024 workers: 25 each), so that more
+/// requests in flight measure the replicas, not a larger data set (100 keys each took a
+/// replica's peak resident size from about 120 to 363 MiB at 1,024 in flight).
 const KEYS_PER_WORKER: u64 = 100;
+const CLOSED_LOOP_KEYS: u64 = 256 * KEYS_PER_WORKER;
 const OPEN_LOOP_KEYS: u64 = 1_000;
+
+/// The keys each of `workers` closed-loop workers cycles through.
+fn keys_per_worker(workers: usize) -> u64 {
+    (CLOSED_LOOP_KEYS / workers.max(1) as u64).clamp(1, KEYS_PER_WORKER)
+}
 
 /// Options of `pbft bench`.
 #[derive(Clone, Debug)]
@@ -135,6 +144,7 @@ pub async fn run_bench(
     let mut tasks = Vec::new();
     match args.rate {
         None => {
+            let keys = keys_per_worker(clients.len());
             for (w, client) in clients.into_iter().enumerate() {
                 let (tally, stop, value) = (tally.clone(), stop.clone(), value.clone());
                 tasks.push(tokio::spawn(async move {
@@ -142,10 +152,7 @@ pub async fn run_bench(
                     while !stop.load(Ordering::Relaxed) {
                         let t = Instant::now();
                         let r = client
-                            .put(
-                                format!("bench-{w}-{}", i % KEYS_PER_WORKER).as_bytes(),
-                                &value,
-                            )
+                            .put(format!("bench-{w}-{}", i % keys).as_bytes(), &value)
                             .await;
                         i += 1;
                         if t < measure_from {
@@ -401,4 +408,20 @@ pub async fn bench(
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::keys_per_worker;
+
+    #[test]
+    fn more_workers_share_a_fixed_key_space() {
+        assert_eq!(keys_per_worker(64), 100);
+        assert_eq!(keys_per_worker(256), 100);
+        assert_eq!(keys_per_worker(1024), 25);
+        assert_eq!(keys_per_worker(1024) * 1024, 256 * 100);
+        // Never zero keys, whatever the count.
+        assert_eq!(keys_per_worker(0), 100);
+        assert_eq!(keys_per_worker(1_000_000), 1);
+    }
 }
