@@ -22,6 +22,9 @@ run_cluster() { # n transport
     local n=$1 t=$2 dir="$OUT/n$1-$2"
     "$PBFT" --data "$dir" up --replicas "$n" --transport "$t" --port "$PORT" >"$dir.up.log" 2>&1 &
     local up=$!
+    # A failed step exits the script (set -e): stop this cluster then too, or it keeps
+    # its ports and two cores' worth of timers busy under whatever runs next.
+    trap 'kill -TERM '"$up"' 2>/dev/null; wait '"$up"' 2>/dev/null || true' EXIT
     for _ in $(seq 1 300); do
         if "$PBFT" --data "$dir" status >/dev/null 2>&1; then break; fi
         sleep 0.2
@@ -46,6 +49,7 @@ run_cluster() { # n transport
         awk '/VmHWM/ {print $2}' "/proc/$pid/status"
     done | sort -n | tail -1 >"$OUT/n$n-$t.rss_kb"
     kill -TERM "$up"; wait "$up" || true
+    trap - EXIT
     # Keep the logs and figures, not the ledgers: repeated runs would fill the disk.
     rm -rf "$dir"
 }
