@@ -11,7 +11,6 @@ pub mod keys;
 pub mod metrics;
 pub mod node;
 pub mod persister;
-pub mod priority;
 pub mod sidecar;
 pub mod status;
 pub mod storage;

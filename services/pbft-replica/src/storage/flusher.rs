@@ -104,7 +104,6 @@ fn run(
     failed: &Mutex<Option<StorageError>>,
     rx: Receiver<Job>,
 ) {
-    crate::priority::lower_this_thread();
     for job in rx {
         let broken = failed.lock().unwrap_or_else(|e| e.into_inner()).is_some();
         // After a failure nothing more is applied: a later job's `upto` would mark the

@@ -124,7 +124,6 @@ impl Drop for SnapshotWriter {
 }
 
 fn write_loop(shared: &Shared, file: &Path) {
-    crate::priority::lower_this_thread();
     let mut last_started: Option<Instant> = None;
     loop {
         let stable = {
