@@ -21,8 +21,9 @@ use crate::{Client, ClientOptions, Connections};
 /// replicated state a benchmark builds is about (keys x payload), held in memory by every
 /// replica (and copied at each checkpoint), so it is fixed and stated in docs/BENCHMARKS.md.
 /// Workers past 256 share the 25,600 keys of 256 (1,024 workers: 25 each), so that more
-/// requests in flight measure the replicas, not a larger data set (100 keys each took a
-/// replica's peak resident size from about 120 to 363 MiB at 1,024 in flight).
+/// requests in flight measure the replicas, not a larger data set (with 100 keys each,
+/// 1,024 workers built four times the state, and the `make bench` cluster that ran them
+/// peaked at 363 MiB per replica, against 251 MiB with the keys shared).
 const KEYS_PER_WORKER: u64 = 100;
 const CLOSED_LOOP_KEYS: u64 = 256 * KEYS_PER_WORKER;
 const OPEN_LOOP_KEYS: u64 = 1_000;
