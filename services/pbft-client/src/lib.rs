@@ -27,7 +27,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use pbft_api::convert::Wire;
 use pbft_api::pb;
 use pbft_api::pb::client_service_client::ClientServiceClient;
-use pbft_core::{ClientCore, ClientId, Ed25519Signer, OpResult, Operation, ReplicaId, Reply};
+use pbft_core::{
+    ClientCore, ClientId, Ed25519Signer, OpResult, Operation, ReplicaId, Reply, max_faulty,
+};
 use prost::Message as _;
 use tokio::sync::mpsc;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
@@ -441,7 +443,7 @@ impl Client {
     fn quorum_known(&self, session: &Session) -> bool {
         let n = session.known.len();
         let known = (0..n).filter(|&i| self.knows(session, i)).count();
-        known >= n - (n.saturating_sub(1)) / 3
+        known >= n - max_faulty(n)
     }
 
     /// Whether replica `i`'s current stream has carried one of our requests.
@@ -494,7 +496,7 @@ impl Client {
             }
             retry_at = tokio::time::Instant::now() + self.timeout;
         }
-        let needed = (n - 1) / 3 + 1;
+        let needed = max_faulty(n) + 1;
         let deadline = tokio::time::Instant::now() + self.timeout;
         let mut errors = Vec::new();
         let mut invalid = 0usize;

@@ -78,7 +78,7 @@ impl ClientCore {
     }
 
     fn f(&self) -> usize {
-        (self.n - 1) / 3
+        crate::config::max_faulty(self.n)
     }
 
     /// Signs a new request and says where to send it: the primary it believes in.

@@ -108,10 +108,15 @@ pub enum ConfigError {
     Zero(&'static str),
 }
 
+/// Largest number of faulty replicas `n` replicas tolerate: f with n >= 3f + 1 (0 for n = 0).
+pub fn max_faulty(n: usize) -> usize {
+    n.saturating_sub(1) / 3
+}
+
 impl Config {
     /// Largest number of faulty replicas tolerated.
     pub fn f(&self) -> usize {
-        (self.n - 1) / 3
+        max_faulty(self.n)
     }
 
     /// Matching votes that make a certificate: 2f + 1.
@@ -162,6 +167,15 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn max_faulty_is_the_largest_f_with_n_at_least_3f_plus_1() {
+        for n in 0..40usize {
+            let f = max_faulty(n);
+            assert!(n == 0 || n > 3 * f, "n = {n}, f = {f}");
+            assert!(n < 3 * (f + 1) + 1, "n = {n} tolerates f + 1");
+        }
+    }
 
     #[test]
     fn quorums_follow_n() {

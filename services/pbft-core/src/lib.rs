@@ -36,7 +36,7 @@ pub use block::{Block, BlockError, CheckpointCert, checkpoint_digest};
 pub use client::{ClientCore, ClientError, Completed};
 #[cfg(feature = "mutations")]
 pub use config::Mutation;
-pub use config::{Config, ConfigError};
+pub use config::{Config, ConfigError, max_faulty};
 pub use crypto::{ClientSig, Ed25519Signer, KeyRing, PublicKey, ReplicaSig, Signer, Verifier};
 pub use kv::{ClientRecord, KvStore, Snapshot, StateDigest};
 pub use message::{

@@ -159,7 +159,7 @@ impl Scenario {
             70..=93 => 7,
             _ => 10,
         };
-        let f = (n - 1) / 3;
+        let f = pbft_core::max_faulty(n);
         let k = rng.range(2, 8);
         let config = Config {
             n,

@@ -374,7 +374,7 @@ pub async fn bench(
 ) -> Result<()> {
     let cluster = ClusterFile::load(dir)?;
     let n = cluster.replicas.len();
-    let quorum = n - (n - 1) / 3;
+    let quorum = n - pbft_core::max_faulty(n);
     let up = wait_until_ready(&cluster, quorum).await;
     if up < quorum {
         bail!(

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use pbft_api::convert::Wire;
 use pbft_api::pb;
-use pbft_core::{Block, Digest, Ed25519Signer, KeyRing, PublicKey};
+use pbft_core::{Block, Digest, Ed25519Signer, KeyRing, PublicKey, max_faulty};
 use serde_json::json;
 
 use super::cluster::{ClusterFile, parse_hex32, random_secret, to_hex};
@@ -181,7 +181,7 @@ pub fn status(dir: &Path, out: OutputFormat) -> Result<Outcome> {
     }
     let down = rows.iter().filter(|s| s["down"] == true).count();
     show(out, json!({"replicas": rows}), table);
-    let f = (c.replicas.len() - 1) / 3;
+    let f = max_faulty(c.replicas.len());
     Ok(Outcome {
         code: if down > f {
             exit::UNAVAILABLE
@@ -243,7 +243,7 @@ pub async fn verify_ledger(dir: &Path, replica: u32, out: OutputFormat) -> Resul
         .collect::<Result<Vec<_>>>()?;
     let ring = KeyRing::new(&keys)?;
     let n = c.replicas.len();
-    let quorum = 2 * ((n - 1) / 3) + 1;
+    let quorum = 2 * max_faulty(n) + 1;
     // The replica's peer API: its listen address under gRPC (under TCP, the client port
     // serves the same gRPC services).
     let addr = if c.transport == "tcp" {

@@ -30,7 +30,7 @@ const SUSPICION: u64 = 20;
 /// The f backups that check the batch at `seq` in `view` before preparing it: consecutive
 /// backups after the primary, starting at an offset that rotates with `seq`.
 pub(crate) fn designated(view: View, seq: Seq, n: usize) -> impl Iterator<Item = ReplicaId> {
-    let f = (n as u64 - 1) / 3;
+    let f = crate::config::max_faulty(n) as u64;
     let backups = n as u64 - 1;
     let first = u64::from(primary(view, n).0);
     let start = seq % backups;
