@@ -15,7 +15,8 @@ use pbft_api::pb::pbft_service_server::{PbftService, PbftServiceServer};
 use pbft_core::{Message, ReplicaId, Source, StateProvider, SyncResponse};
 use prost::Message as _;
 use tokio::sync::{mpsc, oneshot};
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
@@ -398,14 +399,14 @@ impl GrpcServer {
         let client = ClientServiceServer::new(self)
             .max_decoding_message_size(max)
             .max_encoding_message_size(max);
-        let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
+        let mut builder = tonic::transport::Server::builder();
         if let Some(tls) = &tls {
             builder = builder.tls_config(tls.server())?;
         }
         builder
             .add_service(pbft)
             .add_service(client)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .serve_with_incoming_shutdown(accepted(listener), shutdown)
             .await
     }
 
@@ -818,4 +819,34 @@ async fn write_reply_batches(
 /// Binds the gRPC listener.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await
+}
+
+/// The connections `listener` accepts, with Nagle's algorithm off. Tonic applies its
+/// builder's `tcp_nodelay` only to listeners it binds itself, never to an incoming stream
+/// handed to it, so the server's sockets had Nagle on: a reply or message written while an
+/// earlier segment was unacknowledged waited for the peer's delayed ACK (40 ms on Linux).
+fn accepted(listener: tokio::net::TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio_stream::StreamExt as _;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_have_nagle_off() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut incoming = accepted(listener);
+        let client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let server_side = incoming.next().await.unwrap().unwrap();
+        assert!(
+            server_side.nodelay().unwrap(),
+            "the server's socket must not delay writes"
+        );
+        // The default for a fresh socket is Nagle on: the option above did the work.
+        assert!(!client.nodelay().unwrap());
+    }
 }
