@@ -18,6 +18,28 @@ cargo run --release -q -p pbft-core --example crypto_cost -- --json "$OUT/crypto
 PBFT=target/release/pbft
 PORT=21000
 
+# Peak resident memory of each run: every replica's VmHWM is reset before a run (writing 5
+# to /proc/<pid>/clear_refs) and read after it, so a row's peak is that run's, not one left
+# by the runs before it on the same cluster. Where the reset is refused, a row's figure is
+# the peak so far, an upper bound. A cluster's peak is the largest of its rows'.
+replica_pids() { pgrep -f "$1/replica-[0-9]*.yaml" || true; }
+reset_peaks() {
+    for pid in $(replica_pids "$1"); do echo 5 2>/dev/null >"/proc/$pid/clear_refs" || true; done
+}
+read_peak() {
+    for pid in $(replica_pids "$1"); do awk '/VmHWM/ {print $2}' "/proc/$pid/status"; done |
+        sort -n | tail -1
+}
+
+bench_run() { # dir name lines-to-show bench-args...
+    local dir=$1 name=$2 lines=$3
+    shift 3
+    reset_peaks "$dir"
+    "$PBFT" --data "$dir" bench --duration "$DURATION" --warmup "$WARMUP" \
+        --json "$OUT/$name.json" "$@" | tail -"$lines"
+    read_peak "$dir" >"$OUT/$name.peak_kb"
+}
+
 run_cluster() { # n transport
     local n=$1 t=$2 dir="$OUT/n$1-$2"
     "$PBFT" --data "$dir" up --replicas "$n" --transport "$t" --port "$PORT" >"$dir.up.log" 2>&1 &
@@ -32,22 +54,17 @@ run_cluster() { # n transport
     for p in 64 512 1024; do
         local extra=()
         if [ "$n" = 4 ] && [ "$t" = grpc ]; then extra=(--unreplicated); fi
-        "$PBFT" --data "$dir" bench --concurrency "$CONCURRENCY" --payload "$p" \
-            --duration "$DURATION" --warmup "$WARMUP" --json "$OUT/n$n-$t-$p.json" "${extra[@]}" | tail -3
+        bench_run "$dir" "n$n-$t-$p" 3 --concurrency "$CONCURRENCY" --payload "$p" "${extra[@]}"
     done
     if [ "$n" = 4 ] && [ "$t" = grpc ]; then
         # Enough requests in flight to fill batches (the floor is stated for that).
-        "$PBFT" --data "$dir" bench --concurrency 256 --payload 512 --duration "$DURATION" \
-            --warmup "$WARMUP" --json "$OUT/n$n-$t-512-c256.json" --unreplicated | tail -3
-        "$PBFT" --data "$dir" bench --concurrency 1024 --payload 512 --duration "$DURATION" \
-            --warmup "$WARMUP" --json "$OUT/n$n-$t-512-c1024.json" --unreplicated | tail -3
-        "$PBFT" --data "$dir" bench --rate 10000 --payload 512 --duration "$DURATION" \
-            --warmup "$WARMUP" --json "$OUT/n4-grpc-open10k.json" | tail -1
+        bench_run "$dir" "n$n-$t-512-c256" 3 --concurrency 256 --payload 512 --unreplicated
+        bench_run "$dir" "n$n-$t-512-c1024" 3 --concurrency 1024 --payload 512 --unreplicated
+        bench_run "$dir" "n4-grpc-open10k" 1 --rate 10000 --payload 512
     fi
-    # Peak resident memory of each replica (VmHWM).
-    for pid in $(pgrep -f "$dir/replica-[0-9]*.yaml" || true); do
-        awk '/VmHWM/ {print $2}' "/proc/$pid/status"
-    done | sort -n | tail -1 >"$OUT/n$n-$t.rss_kb"
+    # The cluster's peak: the largest of its runs' (the runs' peaks cover the whole
+    # benchmark; between runs the cluster is idle).
+    cat "$OUT/n$n-$t"-*.peak_kb | sort -n | tail -1 >"$OUT/n$n-$t.rss_kb"
     kill -TERM "$up"; wait "$up" || true
     trap - EXIT
     # Keep the logs and figures, not the ledgers: repeated runs would fill the disk.

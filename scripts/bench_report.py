@@ -24,10 +24,20 @@ def cpu():
     return platform.processor() or "unknown"
 
 
-def row(r):
+def peak_mib(json_path):
+    """The run's peak resident memory of the largest replica (bench.sh's `.peak_kb`)."""
+    path = json_path[:-len(".json")] + ".peak_kb"
+    try:
+        kb = open(path).read().strip()
+        return f"{int(kb) / 1024:.0f}" if kb else "-"
+    except OSError:
+        return "-"
+
+
+def row(r, peak="-"):
     return (f"| {r['target']} | {r['mode']} | {r['payload_bytes']} | {r['throughput_per_sec']:.0f} "
             f"| {r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {r['p99_ms']:.1f} | {r['max_ms']:.1f} "
-            f"| {r['errors']} | {r.get('missed', 0)} |")
+            f"| {r['errors']} | {r.get('missed', 0)} | {peak} |")
 
 
 print("# Benchmarks\n")
@@ -40,12 +50,13 @@ commit = (open(commit_file).read().strip() if os.path.exists(commit_file) else
 print(f"- commit: {commit}; release build; requests are signed (ed25519), ordered, executed and fsync'd")
 print("- command: `make bench` (closed loop with 64 requests in flight unless the row says 256 or 1024, "
       "one shared set of connections for all load clients; 2 s warm-up, 10 s measured)\n")
-print("| cluster | load | payload B | committed/s | p50 ms | p90 ms | p99 ms | max ms | errors | missed |")
-print("|---|---|---|---|---|---|---|---|---|---|")
+print("| cluster | load | payload B | committed/s | p50 ms | p90 ms | p99 ms | max ms | errors | missed "
+      "| peak MiB |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
 ratio = None
 for name in sorted(glob.glob(os.path.join(out, "n*-*.json"))):
     data = json.load(open(name))
-    print(row(data["replicated"]))
+    print(row(data["replicated"], peak_mib(name)))
     if "unreplicated" in data:
         print(row(data["unreplicated"]))
         ratio = ratio or []
@@ -56,7 +67,9 @@ if ratio:
     print("Replicated / unreplicated throughput, measured in the same run (n = 4, gRPC):",
           "; ".join(f"{p}: {r:.2f}" for p, r in ratio))
     print()
-print("Peak resident memory per replica (VmHWM, largest of the cluster):\n")
+print("`peak MiB`: the largest replica's peak resident memory (VmHWM) during that run, reset "
+      "before each run; the unreplicated baseline's is not measured. Each cluster's peak over "
+      "all its runs:\n")
 for name in sorted(glob.glob(os.path.join(out, "*.rss_kb"))):
     kb = open(name).read().strip()
     label = os.path.basename(name)[:-len(".rss_kb")]
