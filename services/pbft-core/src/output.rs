@@ -1,6 +1,7 @@
 //! The core's inputs and outputs: everything crossing the boundary between the protocol and
 //! the adapters that do I/O.
 
+use crate::kv::StateDigest;
 use crate::message::Message;
 use crate::reject::RejectReason;
 use crate::request::{Reply, Request};
@@ -71,6 +72,15 @@ pub enum Event {
     /// timeout, so this replica checked it itself: `valid` says whether it held (if not,
     /// the primary proposed a forged request).
     VouchTimeout { seq: Seq, valid: bool },
+    /// A synced block's state digest (at checkpoint height `height`) matches this replica's
+    /// state only under the other digest scheme: the cluster certifies with `certified`,
+    /// this replica is configured with `configured`, and it cannot join until that is set
+    /// alike. The block is refused as `BadSyncData` as well.
+    StateDigestScheme {
+        height: Seq,
+        configured: StateDigest,
+        certified: StateDigest,
+    },
 }
 
 /// What the adapter must do after feeding inputs, in this order: make `persist` durable, then

@@ -9,13 +9,18 @@ mod common;
 use common::*;
 use pbft_core::{
     Block, CheckpointCert, Config, Digest, Event, Message, Output, PersistOp, RejectReason,
-    Replica, Signature, StableCheckpoint, StateProvider, StatusAnnouncement, SyncRequest,
-    SyncResponse,
+    Replica, Signature, StableCheckpoint, StateDigest, StateProvider, StatusAnnouncement,
+    SyncRequest, SyncResponse,
 };
 
 /// A cluster that executed `count` requests without replica 3, and replica 3 taken out of
 /// it after hearing the checkpoint votes for seq 4: it is syncing from replica 0.
 fn syncing_replica(count: u64) -> (Cluster, Replica) {
+    syncing_replica_with(count, None)
+}
+
+/// [`syncing_replica`], with replica 3 replaced by a fresh one running `cfg` if given.
+fn syncing_replica_with(count: u64, cfg: Option<Config>) -> (Cluster, Replica) {
     let mut c = Cluster::new();
     c.isolate(3);
     for client in 1..=count {
@@ -28,6 +33,9 @@ fn syncing_replica(count: u64) -> (Cluster, Replica) {
         .collect();
     assert_eq!(votes.len(), 3);
     let mut lagging = c.replicas.remove(3);
+    if let Some(cfg) = cfg {
+        lagging = replica_with(cfg, 3);
+    }
     let mut last = Output::default();
     for (by, m) in votes {
         last = deliver(&mut lagging, by.0, m);
@@ -307,6 +315,42 @@ fn a_block_with_a_forged_state_digest_is_refused() {
     );
     assert_eq!(out.messages.last(), Some(&sync_request(1, 5)));
     assert_eq!(b.status().last_executed, 4);
+}
+
+/// A replica configured with the other state digest scheme than its cluster's, syncing
+/// from an empty store: every checkpoint block's digest disagrees with its own, so it must
+/// say which setting is wrong, not only refuse the block.
+#[test]
+fn a_replica_with_the_other_state_digest_scheme_is_told_so() {
+    let linear = Config {
+        state_digest: StateDigest::Linear,
+        ..config()
+    };
+    let (c, mut b) = syncing_replica_with(4, Some(linear));
+    let out = deliver(&mut b, 0, response(blocks(&c, 1, 4)));
+    assert_eq!(
+        out.events[out.events.len() - 2..],
+        [
+            Event::StateDigestScheme {
+                height: 4,
+                configured: StateDigest::Linear,
+                certified: StateDigest::Buckets,
+            },
+            Event::Rejected {
+                reason: RejectReason::BadSyncData
+            },
+        ]
+    );
+    // A forged digest is only bad data: no word about the setting.
+    let (c, mut b) = syncing_replica(4);
+    let mut chain = blocks(&c, 1, 4);
+    chain[3].state_digest = Digest([1; 32]);
+    let out = deliver(&mut b, 0, response(chain));
+    assert!(
+        !out.events
+            .iter()
+            .any(|e| matches!(e, Event::StateDigestScheme { .. }))
+    );
 }
 
 #[test]

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use pbft_core::{Event, Input, Message, Output, Replica, Reply, Request, Source, Storage};
 use tokio::sync::oneshot;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::metrics::Metrics;
 use crate::persister::{PENDING_OUTPUTS, Persister, SharedReplies, Waiter};
@@ -351,6 +351,22 @@ impl Node {
                 let verdict = if valid { "valid" } else { "forged" };
                 m.vouch_timeouts.with_label_values(&[verdict]).inc();
                 debug!(seq, verdict, "vouchers late: checked the batch here");
+            }
+            Event::StateDigestScheme {
+                height,
+                configured,
+                certified,
+            } => {
+                error!(
+                    height,
+                    configured = configured.name(),
+                    certified = certified.name(),
+                    "cannot sync: the cluster certifies its state with the {} digest and this \
+                     replica is configured with {}; set protocol.state_digest: {} (docs/CONFIG.md)",
+                    certified.name(),
+                    configured.name(),
+                    certified.name()
+                );
             }
         }
     }

@@ -5,10 +5,11 @@
 use std::collections::BTreeSet;
 
 use super::Replica;
+use crate::block::Block;
 use crate::message::{Message, SyncRequest, SyncResponse};
 use crate::output::Event;
 use crate::reject::RejectReason;
-use crate::types::{ReplicaId, Seq, Tick};
+use crate::types::{Digest, ReplicaId, Seq, Tick};
 
 /// An ongoing sync.
 #[derive(Clone, Debug)]
@@ -106,6 +107,24 @@ impl Replica {
         }
     }
 
+    /// A synced block whose results match ours but whose state digest does not may have
+    /// been certified under the other digest scheme: every peer then looks faulty to us,
+    /// and only the configuration can fix it, so say so (`Event::StateDigestScheme`).
+    fn diagnose_state_digest(&mut self, mine: &Block, results: Digest, state: Digest) {
+        let at_checkpoint = mine.state_digest != Digest::ZERO && state != Digest::ZERO;
+        if mine.results_digest != results || !at_checkpoint {
+            return;
+        }
+        let other = self.cfg.state_digest.other();
+        if self.kv.digest(other) == state {
+            self.event(Event::StateDigestScheme {
+                height: mine.height,
+                configured: self.cfg.state_digest,
+                certified: other,
+            });
+        }
+    }
+
     pub(super) fn on_sync_response(&mut self, from: ReplicaId, resp: SyncResponse) {
         let Some(peer) = self.sync.as_ref().map(|s| s.peer) else {
             self.reject(RejectReason::WrongPhase);
@@ -142,6 +161,7 @@ impl Replica {
             let (claimed_results, claimed_state) = (block.results_digest, block.state_digest);
             let mine = self.execute_block(block.batch, block.view, block.certificate, true);
             if mine.results_digest != claimed_results || mine.state_digest != claimed_state {
+                self.diagnose_state_digest(&mine, claimed_results, claimed_state);
                 bad = true;
                 break;
             }
