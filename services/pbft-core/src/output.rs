@@ -72,10 +72,11 @@ pub enum Event {
     /// timeout, so this replica checked it itself: `valid` says whether it held (if not,
     /// the primary proposed a forged request).
     VouchTimeout { seq: Seq, valid: bool },
-    /// A synced block's state digest (at checkpoint height `height`) matches this replica's
-    /// state only under the other digest scheme: the cluster certifies with `certified`,
-    /// this replica is configured with `configured`, and it cannot join until that is set
-    /// alike. The block is refused as `BadSyncData` as well.
+    /// A synced checkpoint block at `height` disagrees with this replica's state digest,
+    /// and f+1 replicas' checkpoint votes certify this replica's state digested under the
+    /// other scheme: the cluster certifies with `certified`, this replica is configured with
+    /// `configured`, and it cannot join until that is set alike. The block is refused as
+    /// `BadSyncData` as well.
     StateDigestScheme {
         height: Seq,
         configured: StateDigest,

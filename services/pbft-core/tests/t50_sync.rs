@@ -318,8 +318,10 @@ fn a_block_with_a_forged_state_digest_is_refused() {
 }
 
 /// A replica configured with the other state digest scheme than its cluster's, syncing
-/// from an empty store: every checkpoint block's digest disagrees with its own, so it must
-/// say which setting is wrong, not only refuse the block.
+/// from an empty store, finds every checkpoint block's digest at odds with its own. When
+/// the checkpoint votes of f+1 replicas (one of them correct) certify its state digested
+/// the other way, it must say which setting is wrong, not only refuse the block. A lying
+/// peer alone cannot make it say so: it can compute that digest, not forge the votes.
 #[test]
 fn a_replica_with_the_other_state_digest_scheme_is_told_so() {
     let linear = Config {
@@ -341,11 +343,18 @@ fn a_replica_with_the_other_state_digest_scheme_is_told_so() {
             },
         ]
     );
-    // A forged digest is only bad data: no word about the setting.
+    // A correctly configured replica whose peer records the state's digest under the
+    // other scheme: bad data, no word about the setting.
     let (c, mut b) = syncing_replica(4);
     let mut chain = blocks(&c, 1, 4);
-    chain[3].state_digest = Digest([1; 32]);
+    chain[3].state_digest = c.replica(0).state().digest(StateDigest::Linear);
     let out = deliver(&mut b, 0, response(chain));
+    assert_eq!(
+        out.events.last(),
+        Some(&Event::Rejected {
+            reason: RejectReason::BadSyncData
+        })
+    );
     assert!(
         !out.events
             .iter()

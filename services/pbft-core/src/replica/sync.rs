@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 
 use super::Replica;
-use crate::block::Block;
+use crate::block::{Block, checkpoint_digest};
 use crate::message::{Message, SyncRequest, SyncResponse};
 use crate::output::Event;
 use crate::reject::RejectReason;
@@ -107,16 +107,25 @@ impl Replica {
         }
     }
 
-    /// A synced block whose results match ours but whose state digest does not may have
-    /// been certified under the other digest scheme: every peer then looks faulty to us,
-    /// and only the configuration can fix it, so say so (`Event::StateDigestScheme`).
-    fn diagnose_state_digest(&mut self, mine: &Block, results: Digest, state: Digest) {
-        let at_checkpoint = mine.state_digest != Digest::ZERO && state != Digest::ZERO;
-        if mine.results_digest != results || !at_checkpoint {
+    /// A synced checkpoint block whose results match ours but whose state digest does not
+    /// may have been certified under the other digest scheme: every peer then looks faulty
+    /// to us, and only the configuration can fix it, so say so (`Event::StateDigestScheme`).
+    /// Only on proof: f+1 replicas' checkpoint votes for this height (one of them correct)
+    /// must certify our state digested the other way, since a lying peer alone could
+    /// compute that digest and make us blame the configuration.
+    fn diagnose_state_digest(&mut self, mine: &Block, results: Digest, block_hash: Digest) {
+        if mine.results_digest != results || mine.state_digest == Digest::ZERO {
             return;
         }
         let other = self.cfg.state_digest.other();
-        if self.kv.digest(other) == state {
+        let certified = checkpoint_digest(&self.kv.digest(other), &block_hash);
+        let vouching = self.checkpoint_votes.get(&mine.height).map_or(0, |votes| {
+            votes
+                .values()
+                .filter(|v| v.body.state_digest == certified)
+                .count()
+        });
+        if vouching > crate::config::max_faulty(self.n()) {
             self.event(Event::StateDigestScheme {
                 height: mine.height,
                 configured: self.cfg.state_digest,
@@ -159,9 +168,14 @@ impl Replica {
             // The certificate proves the batch committed at this height, so executing it is
             // right whatever else the peer claims; our own block records our own results.
             let (claimed_results, claimed_state) = (block.results_digest, block.state_digest);
+            // Only a checkpoint block carries a state digest; its hash is what the
+            // checkpoint votes certify, should ours turn out to differ.
+            let claimed_hash = (claimed_state != Digest::ZERO).then(|| block.hash());
             let mine = self.execute_block(block.batch, block.view, block.certificate, true);
             if mine.results_digest != claimed_results || mine.state_digest != claimed_state {
-                self.diagnose_state_digest(&mine, claimed_results, claimed_state);
+                if let Some(hash) = claimed_hash {
+                    self.diagnose_state_digest(&mine, claimed_results, hash);
+                }
                 bad = true;
                 break;
             }
