@@ -86,7 +86,8 @@ pub enum Event {
 
 /// What the adapter must do after feeding inputs, in this order: make `persist` durable, then
 /// send `messages` and deliver `replies`. Sending before persisting could let a crash make the
-/// replica contradict itself.
+/// replica contradict itself. Replies alone may go first where
+/// [`Output::replies_may_precede_persist`] allows it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Output {
     pub persist: Vec<PersistOp>,
@@ -96,6 +97,27 @@ pub struct Output {
 }
 
 impl Output {
+    /// Whether the adapter may deliver this output's replies before its writes are durable:
+    /// it sends no message and persists only executed blocks, and every output before it
+    /// has been made durable (or is of this kind too). The adapter must still make the
+    /// blocks durable, in order, before any later output's messages.
+    ///
+    /// Why that is safe: a block is executed only when committed locally, so 2f+1 replicas
+    /// made their prepared certificates for it durable before sending their commits, and this
+    /// replica's own accepted pre-prepare and prepared certificate came in earlier outputs,
+    /// which are durable by then. A crash before the block is durable leaves the replica below
+    /// it with its prepared certificate: it gets the block again (retransmitted commits, or
+    /// state sync) and, execution being deterministic, computes the replies it already sent.
+    /// A reply is therefore never contradicted, and the fsync of an executed block leaves the
+    /// path of every client's request.
+    pub fn replies_may_precede_persist(&self) -> bool {
+        self.messages.is_empty()
+            && self
+                .persist
+                .iter()
+                .all(|op| matches!(op, PersistOp::Block(_)))
+    }
+
     pub fn is_empty(&self) -> bool {
         self.persist.is_empty()
             && self.messages.is_empty()

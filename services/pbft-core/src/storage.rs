@@ -4,6 +4,8 @@
 //! the adapter must make them durable before it sends any message of the same output. That
 //! ordering is what lets a restarted replica never contradict what it said before the crash:
 //! it cannot have sent a prepare, commit or view change whose basis it later forgets.
+//! One exception: an output that only executes blocks and answers clients may answer first
+//! ([`crate::Output::replies_may_precede_persist`] says why that is safe).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -112,6 +114,13 @@ impl MemStore {
     /// Forgets everything, as a wiped disk would.
     pub fn wipe(&mut self) {
         *self = MemStore::default();
+    }
+
+    /// Forgets the blocks from `height` up, as a crash does the executed blocks whose
+    /// replies went out before they were synced
+    /// ([`crate::Output::replies_may_precede_persist`]).
+    pub fn forget_blocks_from(&mut self, height: Seq) {
+        self.blocks.split_off(&height);
     }
 }
 

@@ -101,6 +101,10 @@ struct SimReplica {
     core: Option<Replica>,
     store: MemStore,
     adversary: Option<Adversary>,
+    /// The lowest executed block whose replies went out before it was synced, as the
+    /// replica's persistence thread allows, while no later output has synced it. A crash
+    /// loses the blocks from here up.
+    unsynced_from: Option<u64>,
 }
 
 struct SimClient {
@@ -170,6 +174,7 @@ impl Sim {
                     core: Some(core),
                     store: MemStore::new(),
                     adversary,
+                    unsynced_from: None,
                 }
             })
             .collect();
@@ -434,11 +439,21 @@ impl Sim {
                 if spec.wipe {
                     r.store.wipe();
                 }
+                let lost = r.unsynced_from.take();
+                if let Some(height) = lost {
+                    r.store.forget_blocks_from(height);
+                }
                 self.log(format!(
                     "crash r{}{}",
                     spec.replica,
                     if spec.wipe { " (disk wiped)" } else { "" }
                 ));
+                if let Some(height) = lost {
+                    self.log(format!(
+                        "r{} lost its unsynced blocks from {height}",
+                        spec.replica
+                    ));
+                }
             }
             let r = &mut self.replicas[spec.replica];
             if spec.restart == self.now && r.core.is_none() {
@@ -566,6 +581,18 @@ impl Sim {
                 replica: r,
                 error: e.to_string(),
             })?;
+        // What a crash now would lose: the persistence thread answers an output that only
+        // executes blocks before syncing them, and syncs them with the next other output.
+        let unsynced = &mut self.replicas[r].unsynced_from;
+        if output.replies_may_precede_persist() {
+            let lowest = output.persist.iter().find_map(|op| match op {
+                PersistOp::Block(b) => Some(b.height),
+                _ => None,
+            });
+            *unsynced = unsynced.or(lowest);
+        } else {
+            *unsynced = None;
+        }
         for op in &output.persist {
             if let PersistOp::Block(b) = op {
                 if honest {
