@@ -24,6 +24,19 @@
 //! segment, and after that as the batch's digest and the record without it, so a batch is
 //! written once per segment however many records carry it. Segments are self-contained.
 //!
+//! Every append also writes an end marker after its entry (an entry header with length 0
+//! whose checksum covers the next entry's number), which the next append overwrites; a new
+//! segment's header carries one too. Replay stops at the marker without complaint.
+//!
+//! Segments are recycled: the flush keeps one segment it no longer needs as a spare
+//! (`<db>.journal.spare.<first>`, which replay ignores), and the next rotation reuses the
+//! file, its new header and marker made durable before it takes a segment's name. An
+//! append then overwrites blocks the file already has, and its fdatasync writes only the
+//! data: appending to a growing file also commits the file system's own journal (the new
+//! size and blocks), which took 1.5 to 7 times as long and about 1.7 times the CPU on
+//! this machine's disk. The stale entries past the marker were checksummed under the old
+//! segment's seed, so they can never pass for entries of the new one.
+//!
 //! A crash in the middle of an append leaves a torn last entry (short, or failing its
 //! checksum) in the newest segment. Nothing of it was acknowledged (no message or reply
 //! leaves before its `fdatasync` returns), so replay drops it. A bad entry that a good one
@@ -33,7 +46,8 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::hash::{BuildHasher, Hasher};
-use std::io::{Read, Write};
+use std::io::Read;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use pbft_api::convert::Wire;
@@ -86,6 +100,9 @@ const WHOLE: u8 = 0;
 const SHALLOW: u8 = 1;
 
 const ENTRY_HEADER: usize = 4 + 8;
+/// The end marker's size: an entry header.
+#[cfg(test)]
+pub(super) const END_MARKER: usize = ENTRY_HEADER;
 const MAGIC: &[u8; 8] = b"pbftjnl1";
 const SEGMENT_HEADER: usize = MAGIC.len() + 8;
 /// Larger entries are refused on replay as damage: one persist call holds at most a few
@@ -99,43 +116,70 @@ fn segment_path(db: &Path, first: u64) -> PathBuf {
     db.with_file_name(name)
 }
 
-/// The journal's segments next to `db`, oldest first, with their first entry numbers.
-pub(super) fn segments(db: &Path) -> Result<Vec<(u64, PathBuf)>, StorageError> {
+/// Where a segment the flush no longer needs waits to be recycled. `segments` skips it:
+/// "spare.<n>" is not an entry number.
+fn spare_path(db: &Path, first: u64) -> PathBuf {
+    let mut name = db.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(format!(".journal.spare.{first:020}"));
+    db.with_file_name(name)
+}
+
+/// The files next to `db` named `<db file name>.journal.<kind><number>`, by number, oldest
+/// first. Anything else with the prefix is not ours to read or delete.
+fn numbered(db: &Path, kind: &str) -> Result<Vec<(u64, PathBuf)>, StorageError> {
     let dir = dir_of(db);
     let mut prefix = db
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     prefix.push_str(".journal.");
+    prefix.push_str(kind);
     let entries =
         fs::read_dir(dir).map_err(|e| io(format_args!("listing {}", dir.display()), e))?;
     let mut out = Vec::new();
     for entry in entries {
         let entry = entry.map_err(|e| io(format_args!("listing {}", dir.display()), e))?;
         let name = entry.file_name();
-        let name = name.to_string_lossy();
-        let Some(number) = name.strip_prefix(&prefix) else {
-            continue;
-        };
-        // Anything else with the prefix is not ours to read or delete.
-        if let Ok(first) = number.parse::<u64>() {
-            out.push((first, entry.path()));
+        let number = name.to_string_lossy().strip_prefix(&prefix).map(str::parse);
+        if let Some(Ok(number)) = number {
+            out.push((number, entry.path()));
         }
     }
     out.sort();
     Ok(out)
 }
 
+/// The spare segments next to `db`.
+fn spares(db: &Path) -> Result<Vec<PathBuf>, StorageError> {
+    Ok(numbered(db, "spare.")?.into_iter().map(|(_, p)| p).collect())
+}
+
+/// The journal's segments next to `db`, oldest first, with their first entry numbers.
+pub(super) fn segments(db: &Path) -> Result<Vec<(u64, PathBuf)>, StorageError> {
+    numbered(db, "")
+}
+
 /// Deletes the segments whose entries are all at or below `upto` (every segment that starts
 /// there or below: segments end where a hand-off cut them), durably: a deleted segment
 /// that came back after a crash would no longer be the newest, and its torn tail, if it
 /// had one, would read as damage.
+///
+/// The first of them becomes the spare if there is none (the next rotation recycles it).
+/// Only the writer takes spares, so at most the one made here can appear meanwhile.
 pub(super) fn remove_segments(db: &Path, upto: u64) -> Result<(), StorageError> {
     let mut removed = false;
+    let mut keep_spare = spares(db)?.is_empty();
     for (first, path) in segments(db)? {
         if first <= upto {
-            fs::remove_file(&path)
-                .map_err(|e| io(format_args!("removing {}", path.display()), e))?;
+            if keep_spare {
+                let spare = spare_path(db, first);
+                fs::rename(&path, &spare)
+                    .map_err(|e| io(format_args!("renaming {}", path.display()), e))?;
+                keep_spare = false;
+            } else {
+                fs::remove_file(&path)
+                    .map_err(|e| io(format_args!("removing {}", path.display()), e))?;
+            }
             removed = true;
         }
     }
@@ -180,6 +224,9 @@ pub(super) struct Journal {
     next: u64,
     /// The current segment's checksum seed.
     seed: u64,
+    /// Where the next entry goes: the end of the segment's header and entries. A recycled
+    /// file holds stale bytes past it.
+    written: u64,
     /// Batches written whole in the current segment, by (sequence, digest).
     batches: HashSet<(Seq, Digest)>,
     buf: Vec<u8>,
@@ -197,6 +244,7 @@ impl Journal {
             path,
             next,
             seed,
+            written: SEGMENT_HEADER as u64,
             batches: HashSet::new(),
             buf: Vec::new(),
             broken: false,
@@ -232,14 +280,18 @@ impl Journal {
         let sum = xxhash_rust::xxh3::xxh3_64_with_seed(&self.buf[ENTRY_HEADER..], self.seed);
         self.buf[..4].copy_from_slice(&len.to_le_bytes());
         self.buf[4..ENTRY_HEADER].copy_from_slice(&sum.to_le_bytes());
+        let entry_len = self.buf.len() as u64;
+        self.buf
+            .extend_from_slice(&end_marker(number + 1, self.seed));
         let path = &self.path;
         self.file
-            .write_all(&self.buf)
+            .write_all_at(&self.buf, self.written)
             .and_then(|()| self.file.sync_data())
             .map_err(|e| io(format_args!("appending to {}", path.display()), e))?;
         self.next += 1;
+        self.written += entry_len;
         self.broken = false;
-        Ok((number, self.buf.len() as u64))
+        Ok((number, entry_len))
     }
 
     /// Ends the current segment (its last entry is the one appended last) and starts the
@@ -249,13 +301,15 @@ impl Journal {
         self.file = file;
         self.path = path;
         self.seed = seed;
+        self.written = SEGMENT_HEADER as u64;
         self.batches.clear();
         Ok(())
     }
 }
 
-/// Creates the segment starting at entry `first`, with its header; the first append's
-/// fdatasync makes the header durable with the entry. Returns the checksum seed.
+/// Creates the segment starting at entry `first`, with its header and end marker,
+/// recycling a spare if there is one; for a new file, the first append's fdatasync makes
+/// the header durable with the entry. Returns the checksum seed.
 fn create_segment(db: &Path, first: u64) -> Result<(File, PathBuf, u64), StorageError> {
     let path = segment_path(db, first);
     // std's hasher keys are random per process: an unpredictable seed without a
@@ -263,18 +317,57 @@ fn create_segment(db: &Path, first: u64) -> Result<(File, PathBuf, u64), Storage
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(first);
     let seed = h.finish();
-    let mut file = OpenOptions::new()
+    let mut header = MAGIC.to_vec();
+    header.extend_from_slice(&seed.to_le_bytes());
+    header.extend_from_slice(&end_marker(first, seed));
+    if let Some(spare) = spares(db)?.pop() {
+        match recycle(&spare, &path, &header) {
+            Ok(file) => {
+                sync_dir(&path)?;
+                return Ok((file, path, seed));
+            }
+            // A new file does as well, only slower to sync.
+            Err(e) => {
+                warn!(spare = %spare.display(), error = %e, "cannot recycle a journal segment; starting a new file")
+            }
+        }
+    }
+    let file = OpenOptions::new()
         .create(true)
         .truncate(true)
         .write(true)
         .open(&path)
         .map_err(|e| io(format_args!("creating {}", path.display()), e))?;
-    let mut header = MAGIC.to_vec();
-    header.extend_from_slice(&seed.to_le_bytes());
-    file.write_all(&header)
+    file.write_all_at(&header, 0)
         .map_err(|e| io(format_args!("writing {}", path.display()), e))?;
     sync_dir(&path)?;
     Ok((file, path, seed))
+}
+
+/// Turns `spare` into the segment at `path`. The new header and marker are durable before
+/// the file takes the segment's name: under its old header the stale entries would pass
+/// their checksums, and replay would find them where this segment's belong.
+fn recycle(spare: &Path, path: &Path, header: &[u8]) -> std::io::Result<File> {
+    let file = OpenOptions::new().write(true).open(spare)?;
+    file.write_all_at(header, 0)?;
+    file.sync_data()?;
+    fs::rename(spare, path)?;
+    Ok(file)
+}
+
+/// What follows the last entry of a segment: an entry header of length 0 whose checksum
+/// covers the number the next entry would have, under the segment's seed.
+fn end_marker(next: u64, seed: u64) -> [u8; ENTRY_HEADER] {
+    let mut marker = [0; ENTRY_HEADER];
+    marker[4..].copy_from_slice(
+        &xxhash_rust::xxh3::xxh3_64_with_seed(&next.to_le_bytes(), seed).to_le_bytes(),
+    );
+    marker
+}
+
+/// Whether the segment's entries end at `at`, before the entry numbered `next`.
+fn ends_at(data: &[u8], at: usize, seed: u64, next: u64) -> bool {
+    data.get(at..at.saturating_add(ENTRY_HEADER)) == Some(&end_marker(next, seed)[..])
 }
 
 fn put_op(buf: &mut Vec<u8>, tag: u8, payload: &[u8]) {
@@ -349,7 +442,13 @@ pub(super) fn replay(db: &Path, applied: u64) -> Result<Replayed, StorageError> 
         };
         let mut batches: HashMap<(Seq, Digest), Batch> = HashMap::new();
         let mut at = SEGMENT_HEADER;
+        // The number the next entry of this segment has: its marker says so.
+        let mut next = *first;
         while at < data.len() {
+            if ends_at(&data, at, seed, next) {
+                // Past here: nothing, or a recycled file's stale entries.
+                break;
+            }
             let body = match entry_at(&data, at, seed) {
                 Ok(body) => body,
                 Err(what)
@@ -391,6 +490,7 @@ pub(super) fn replay(db: &Path, applied: u64) -> Result<Replayed, StorageError> 
                 ));
             }
             prev = Some(number);
+            next = number + 1;
             let ops = decode_ops(&body[8..], &mut batches)
                 .map_err(|what| corrupt(path, at, format_args!("entry {number}: {what}")))?;
             if number > applied {
@@ -680,6 +780,65 @@ mod tests {
         let mut moved = first[..SEGMENT_HEADER].to_vec();
         moved.extend_from_slice(&second[SEGMENT_HEADER..]);
         assert!(entry_at(&moved, SEGMENT_HEADER, segment_seed(&moved).unwrap()).is_err());
+    }
+
+    #[test]
+    fn a_recycled_segment_is_overwritten_in_place_and_replays_only_its_own_entries() {
+        let dir = TempDir::new().unwrap();
+        let db = dir.path().join("pbft.redb");
+        let mut j = Journal::start(&db, 1).unwrap();
+        for v in 1..=50 {
+            j.append(&[view(v)]).unwrap();
+        }
+        j.rotate().unwrap();
+        j.append(&[view(51)]).unwrap();
+        // Redb holds entries 1-50: their segment becomes the spare.
+        remove_segments(&db, 50).unwrap();
+        let spare = spares(&db).unwrap();
+        assert_eq!(spare.len(), 1);
+        let spare_len = fs::metadata(&spare[0]).unwrap().len();
+        j.rotate().unwrap();
+        assert!(
+            spares(&db).unwrap().is_empty(),
+            "the rotation took the spare"
+        );
+        for v in 52..=53 {
+            j.append(&[view(v)]).unwrap();
+        }
+        let segs = segments(&db).unwrap();
+        assert_eq!(segs.iter().map(|s| s.0).collect::<Vec<_>>(), vec![51, 52]);
+        let path = &segs[1].1;
+        assert_eq!(
+            fs::metadata(path).unwrap().len(),
+            spare_len,
+            "appends overwrite the old file in place"
+        );
+        let data = fs::read(path).unwrap();
+        let seed = segment_seed(&data).unwrap();
+        assert!(
+            ends_at(&data, j.written as usize, seed, 54),
+            "the entries end at a marker, not at stale bytes read as a torn write"
+        );
+        assert_eq!(
+            views(&replay(&db, 50).unwrap()),
+            (51..=53).collect::<Vec<_>>()
+        );
+        // A crash tearing the next append: the stale entries after it are not taken for
+        // good entries that would make it damage.
+        let mut torn = data.clone();
+        torn[j.written as usize..j.written as usize + 40].fill(0x5a);
+        fs::write(path, &torn).unwrap();
+        assert_eq!(
+            views(&replay(&db, 50).unwrap()),
+            (51..=53).collect::<Vec<_>>()
+        );
+        // A crash after the spare got its new header but before the rename leaves it a
+        // spare: replay never reads spares.
+        fs::write(spare_path(&db, 7), &torn).unwrap();
+        assert_eq!(
+            views(&replay(&db, 50).unwrap()),
+            (51..=53).collect::<Vec<_>>()
+        );
     }
 
     #[test]
