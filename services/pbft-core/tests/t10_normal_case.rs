@@ -126,6 +126,89 @@ fn busy_primary_proposes_a_full_batch_without_waiting() {
     );
 }
 
+/// Primary 0 with `reqs` proposed at seq `seq` committed and executed: prepares and
+/// commits from backups 1 and 2. Returns the output of the last commit.
+fn commit_at_primary(p: &mut Replica, seq: u64, reqs: &[Request]) -> Output {
+    let d = batch(reqs).digest();
+    for b in [1, 2] {
+        deliver(p, b, Message::Prepare(prepare(0, seq, d, b)));
+    }
+    deliver(p, 1, Message::Commit(commit(0, seq, d, 1)));
+    deliver(p, 2, Message::Commit(commit(0, seq, d, 2)))
+}
+
+/// The requests of the pre-prepare in `out`, if it proposes one.
+fn proposed(out: &Output) -> Option<Vec<Request>> {
+    out.messages.iter().find_map(|e| match &e.msg {
+        Message::PrePrepare(pp) => Some(pp.body.batch.requests().to_vec()),
+        _ => None,
+    })
+}
+
+#[test]
+fn a_drained_primary_waits_for_as_many_requests_as_its_last_batch() {
+    let mut p = replica(0);
+    let first = put_req(1, 1);
+    assert!(proposed(&submit(&mut p, first.clone())).is_some());
+    let three: Vec<_> = (2..=4).map(|c| put_req(c, 1)).collect();
+    for q in &three {
+        submit(&mut p, q.clone());
+    }
+    assert_eq!(proposed(&tick(&mut p, 1)), Some(three.clone()));
+    commit_at_primary(&mut p, 1, std::slice::from_ref(&first));
+    let out = commit_at_primary(&mut p, 2, &three);
+    assert_eq!(
+        out.replies.len(),
+        3,
+        "both batches executed: nothing in flight"
+    );
+    // The last batch held three: the first request back waits for two more, and they
+    // go together without waiting out `batch_delay`.
+    let next: Vec<_> = (1..=3).map(|c| put_req(c, 2)).collect();
+    assert_eq!(proposed(&submit(&mut p, next[0].clone())), None);
+    assert_eq!(proposed(&submit(&mut p, next[1].clone())), None);
+    assert_eq!(
+        proposed(&submit(&mut p, next[2].clone())),
+        Some(next.clone())
+    );
+    // A lone request on a drained primary waits no longer than `batch_delay` for company.
+    commit_at_primary(&mut p, 3, &next);
+    let lone = put_req(4, 2);
+    assert_eq!(proposed(&submit(&mut p, lone.clone())), None);
+    assert_eq!(proposed(&tick(&mut p, 1)), Some(vec![lone.clone()]));
+    // A lone client's next request then goes at once.
+    commit_at_primary(&mut p, 4, std::slice::from_ref(&lone));
+    let again = put_req(4, 3);
+    assert_eq!(proposed(&submit(&mut p, again.clone())), Some(vec![again]));
+}
+
+#[test]
+fn more_than_a_batch_waiting_is_split_evenly() {
+    let mut p = replica_with(
+        pbft_core::Config {
+            max_batch: 3,
+            ..config()
+        },
+        0,
+    );
+    // Seqs 1-4 in flight, one request each: max_in_flight = 4.
+    let singles: Vec<_> = (1..=4).map(|c| put_req(c, 1)).collect();
+    for q in &singles {
+        submit(&mut p, q.clone());
+        tick(&mut p, 1);
+    }
+    // Four wait, more than max_batch = 3.
+    let waiting: Vec<_> = (5..=8).map(|c| put_req(c, 1)).collect();
+    for q in &waiting {
+        assert_eq!(proposed(&submit(&mut p, q.clone())), None);
+    }
+    assert_eq!(p.status().pending_requests, 8);
+    // Seq 1 executes: one slot frees, and it carries two of the four, not three and then
+    // one alone.
+    let out = commit_at_primary(&mut p, 1, &singles[..1]);
+    assert_eq!(proposed(&out), Some(waiting[..2].to_vec()));
+}
+
 #[test]
 fn primary_stops_proposing_at_max_in_flight() {
     let mut p = replica(0);

@@ -83,6 +83,8 @@ pub struct Replica {
     prepared: BTreeMap<Seq, PreparedProof>,
     /// Primary only: the next sequence number to assign.
     next_seq: Seq,
+    /// Primary only: how many requests the last batch it proposed carried (0: none yet).
+    last_batch: usize,
 
     kv: KvStore,
     last_executed: Seq,
@@ -183,6 +185,7 @@ impl Replica {
             slots: BTreeMap::new(),
             prepared: BTreeMap::new(),
             next_seq: stable.seq + 1,
+            last_batch: 0,
             kv,
             last_executed: stable.seq,
             head_hash,
