@@ -151,7 +151,10 @@ fn numbered(db: &Path, kind: &str) -> Result<Vec<(u64, PathBuf)>, StorageError> 
 
 /// The spare segments next to `db`.
 fn spares(db: &Path) -> Result<Vec<PathBuf>, StorageError> {
-    Ok(numbered(db, "spare.")?.into_iter().map(|(_, p)| p).collect())
+    Ok(numbered(db, "spare.")?
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect())
 }
 
 /// The journal's segments next to `db`, oldest first, with their first entry numbers.
