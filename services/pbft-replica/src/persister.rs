@@ -70,6 +70,42 @@ impl SharedReplies {
     }
 }
 
+/// Executed blocks whose replies went out, waiting to share the next sync.
+#[derive(Default)]
+struct Lazy {
+    ops: Vec<PersistOp>,
+    /// When the first of them came: they wait [`LAZY_BLOCKS_WAIT`] from then, however
+    /// many more come meanwhile (a replica applying synced blocks produces nothing else).
+    since: Option<Instant>,
+}
+
+impl Lazy {
+    fn add(&mut self, ops: Vec<PersistOp>, now: Instant) {
+        if ops.is_empty() {
+            return;
+        }
+        self.since.get_or_insert(now);
+        self.ops.extend(ops);
+    }
+
+    /// Whether they must be synced now rather than wait for company.
+    fn due(&self, now: Instant) -> bool {
+        !self.ops.is_empty() && (self.ops.len() >= MAX_GROUP || self.wait(now).is_zero())
+    }
+
+    /// How much longer they may wait.
+    fn wait(&self, now: Instant) -> Duration {
+        self.since.map_or(LAZY_BLOCKS_WAIT, |since| {
+            LAZY_BLOCKS_WAIT.saturating_sub(now.saturating_duration_since(since))
+        })
+    }
+
+    fn take(&mut self) -> Vec<PersistOp> {
+        self.since = None;
+        std::mem::take(&mut self.ops)
+    }
+}
+
 /// The persistence thread's state.
 pub struct Persister {
     pub store: Box<dyn Storage + Send>,
@@ -83,19 +119,18 @@ impl Persister {
     /// A storage error stops it at once, before anything of the failed group is sent.
     pub fn run(mut self, rx: Receiver<Output>) -> Result<(), StorageError> {
         let mut group = Vec::with_capacity(MAX_GROUP);
-        // Blocks whose replies went out, waiting for the next sync.
-        let mut lazy: Vec<PersistOp> = Vec::new();
+        let mut lazy = Lazy::default();
         loop {
-            let first = if lazy.is_empty() {
+            let first = if lazy.ops.is_empty() {
                 match rx.recv() {
                     Ok(out) => out,
                     Err(_) => break,
                 }
             } else {
-                match rx.recv_timeout(LAZY_BLOCKS_WAIT) {
+                match rx.recv_timeout(lazy.wait(Instant::now())) {
                     Ok(out) => out,
                     Err(RecvTimeoutError::Timeout) => {
-                        self.persist(&std::mem::take(&mut lazy))?;
+                        self.persist(&lazy.take())?;
                         continue;
                     }
                     Err(RecvTimeoutError::Disconnected) => break,
@@ -110,35 +145,30 @@ impl Persister {
             }
             self.carry_out(&mut group, &mut lazy)?;
         }
-        if !lazy.is_empty() {
-            self.persist(&lazy)?;
-        }
-        Ok(())
+        self.persist(&lazy.take())
     }
 
     /// Answers the leading outputs that may answer before their blocks are durable, keeping
-    /// their blocks in `lazy`; then persists `lazy` and the writes of every other output in
-    /// `group` in one transaction, and sends each output's messages and replies in order.
-    fn carry_out(
-        &mut self,
-        group: &mut Vec<Output>,
-        lazy: &mut Vec<PersistOp>,
-    ) -> Result<(), StorageError> {
+    /// their blocks in `lazy`; then, unless that is all there is and `lazy` may wait on,
+    /// persists `lazy` and the writes of every other output in `group` in one transaction,
+    /// and sends each output's messages and replies in order.
+    fn carry_out(&mut self, group: &mut Vec<Output>, lazy: &mut Lazy) -> Result<(), StorageError> {
         let _execute = execute_span(group).entered();
         let early = group
             .iter()
             .take_while(|out| out.replies_may_precede_persist())
             .count();
+        let now = Instant::now();
         for out in group.drain(..early) {
-            lazy.extend(out.persist);
+            lazy.add(out.persist, now);
             if !out.replies.is_empty() {
                 self.deliver(out.replies);
             }
         }
-        if group.is_empty() && lazy.len() < MAX_GROUP {
+        if group.is_empty() && !lazy.due(now) {
             return Ok(());
         }
-        let mut ops = std::mem::take(lazy);
+        let mut ops = lazy.take();
         ops.extend(
             group
                 .iter_mut()
@@ -465,6 +495,33 @@ mod tests {
         drop(tx);
         thread.join().unwrap().unwrap();
         assert_eq!(log.lock().unwrap().last(), Some(&Step::Persist(vec![1002])));
+    }
+
+    #[test]
+    fn waiting_blocks_are_due_from_the_first_however_many_follow() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let block = || executed(1).persist;
+        let mut lazy = Lazy::default();
+        assert!(!lazy.due(ms(100)), "nothing waits");
+        lazy.add(Vec::new(), t0);
+        assert_eq!(
+            lazy.since, None,
+            "an answer from the reply cache starts no wait"
+        );
+        lazy.add(block(), ms(1));
+        assert!(!lazy.due(ms(2)));
+        // A trickle of blocks does not put the sync off.
+        lazy.add(block(), ms(2));
+        assert_eq!(lazy.wait(ms(2)), Duration::from_millis(1));
+        assert!(lazy.due(ms(3)));
+        assert_eq!(lazy.take().len(), 2);
+        assert!(!lazy.due(ms(100)));
+        // Nor does a pile of them wait at all.
+        for _ in 0..MAX_GROUP {
+            lazy.add(block(), ms(200));
+        }
+        assert!(lazy.due(ms(200)));
     }
 
     #[test]

@@ -203,11 +203,12 @@ impl Replica {
             }
             // Let the batch fill for up to `batch_delay` ticks (throughput), unless it is full
             // already. With nothing in flight it is full once it holds as many requests as
-            // the last batch: a lone client's request goes at once (latency), but under
-            // load the first request back after the pipeline drained waits for the rest of
-            // its burst instead of paying a whole batch's messages, signatures and
-            // fdatasyncs alone (at 1,024 in flight one batch in six held a single request,
-            // a third of those proposed this way).
+            // the last batch: a lone client's requests go at once (latency; after a larger
+            // batch the first waits `batch_delay` once), but under load the first request
+            // back after the pipeline drained waits for the rest of its burst instead of
+            // paying a whole batch's messages, signatures and fdatasyncs alone (at 1,024 in
+            // flight one batch in six held a single request, a third of those proposed this
+            // way).
             let waited = self.queue.front().map_or(0, |(_, t)| self.now - t);
             let full = if in_flight == 0 {
                 self.last_batch.min(self.cfg.max_batch)

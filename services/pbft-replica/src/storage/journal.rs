@@ -349,12 +349,20 @@ fn create_segment(db: &Path, first: u64) -> Result<(File, PathBuf, u64), Storage
 
 /// Turns `spare` into the segment at `path`. The new header and marker are durable before
 /// the file takes the segment's name: under its old header the stale entries would pass
-/// their checksums, and replay would find them where this segment's belong.
-fn recycle(spare: &Path, path: &Path, header: &[u8]) -> std::io::Result<File> {
-    let file = OpenOptions::new().write(true).open(spare)?;
-    file.write_all_at(header, 0)?;
-    file.sync_data()?;
-    fs::rename(spare, path)?;
+/// their checksums, and replay would find them where this segment's belong. And the
+/// spare's own name is durable before its header changes: the flush may have renamed it
+/// a moment ago without syncing the directory yet, and a crash would bring the file back
+/// under its old segment's name with this segment's header, which replay must call damage.
+fn recycle(spare: &Path, path: &Path, header: &[u8]) -> Result<File, StorageError> {
+    sync_dir(spare)?;
+    let writing = |e| io(format_args!("recycling {}", spare.display()), e);
+    let file = OpenOptions::new()
+        .write(true)
+        .open(spare)
+        .map_err(writing)?;
+    file.write_all_at(header, 0).map_err(writing)?;
+    file.sync_data().map_err(writing)?;
+    fs::rename(spare, path).map_err(writing)?;
     Ok(file)
 }
 
