@@ -327,10 +327,17 @@ fn frame(table: &str, key: Key<'_>, payload: &[u8]) -> Vec<u8> {
 
 fn frame_as(version: u8, table: &str, key: Key<'_>, payload: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(HEADER_LEN + payload.len());
-    v.push(version);
-    v.extend_from_slice(&checksum(table, key, payload));
+    v.extend_from_slice(&frame_header(version, checksum(table, key, payload)));
     v.extend_from_slice(payload);
     v
+}
+
+/// What precedes a framed payload: its format version, then its checksum.
+fn frame_header(version: u8, sum: [u8; CHECKSUM_LEN]) -> [u8; HEADER_LEN] {
+    let mut header = [0; HEADER_LEN];
+    header[0] = version;
+    header[1..].copy_from_slice(&sum);
+    header
 }
 
 fn corrupt(table: &str, key: Key<'_>, what: impl fmt::Display) -> StorageError {

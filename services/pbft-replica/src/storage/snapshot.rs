@@ -33,7 +33,7 @@ use pbft_core::{
 };
 use tracing::warn;
 
-use super::{FRAME_VERSION, HEADER_LEN, Key, checksum_of, corrupt, decode};
+use super::{FRAME_VERSION, HEADER_LEN, Key, checksum_of, corrupt, decode, frame_header};
 
 /// Least time between the starts of two snapshot writes, unless flushed or stopping.
 const MIN_INTERVAL: Duration = Duration::from_secs(10);
@@ -183,10 +183,9 @@ pub(super) fn write(file: &Path, stable: &StableCheckpoint) -> std::io::Result<(
             hash: checksum_of(FILE, Key::Name(FILE)),
         };
         write_stable_checkpoint(stable, &mut out)?;
-        let sum = out.hash.digest().to_be_bytes();
+        let header = frame_header(FRAME_VERSION, out.hash.digest().to_be_bytes());
         f.seek(SeekFrom::Start(0))?;
-        f.write_all(&[FRAME_VERSION])?;
-        f.write_all(&sum)?;
+        f.write_all(&header)?;
         f.sync_all()?;
     }
     std::fs::rename(&tmp, file)?;
