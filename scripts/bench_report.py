@@ -3,6 +3,7 @@ import glob
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 
@@ -42,20 +43,42 @@ def row(r, peak="-"):
 
 print("# Benchmarks\n")
 print("Written by `make bench` (`scripts/bench.sh`); rerun it to refresh. Every figure below")
-print("comes from one run on one machine, replicas and load generator sharing it.\n")
+print("comes from one `make bench` on one machine, replicas and load generator sharing it.\n")
 print(f"- machine: {os.cpu_count()} cores, {cpu()}, {platform.system()} {platform.release()}")
 commit_file = os.path.join(out, "commit")
 commit = (open(commit_file).read().strip() if os.path.exists(commit_file) else
           subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip())
 print(f"- commit: {commit}; release build; requests are signed (ed25519), ordered, executed and fsync'd")
 print("- command: `make bench` (closed loop with 64 requests in flight unless the row says 256 or 1024, "
-      "one shared set of connections for all load clients; 2 s warm-up, 10 s measured)\n")
+      "one shared set of connections for all load clients; 2 s warm-up, 10 s measured; "
+      "the 1,024-in-flight and 10,000/s rows: the median of their runs, listed below the table)\n")
 print("| cluster | load | payload B | committed/s | p50 ms | p90 ms | p99 ms | max ms | errors | missed "
       "| peak MiB |")
 print("|---|---|---|---|---|---|---|---|---|---|---|")
-ratio = None
+
+
+def median_run(paths):
+    """The median of repeated runs of one row: by throughput for a closed loop, by p99 for
+    an open loop (its rate is fixed; the tail is what a busier machine moves first)."""
+    runs = [(p, json.load(open(p))) for p in paths]
+
+    def key(run):
+        r = run[1]["replicated"]
+        return -r["p99_ms"] if r["mode"].startswith("open") else r["throughput_per_sec"]
+
+    runs.sort(key=key)
+    return runs[(len(runs) - 1) // 2]
+
+
+# Rows run more than once are `<row>.r<k>.json`: grouped under `<row>`.
+groups = {}
 for name in sorted(glob.glob(os.path.join(out, "n*-*.json"))):
-    data = json.load(open(name))
+    m = re.match(r"(.*)\.r(\d+)\.json$", name)
+    groups.setdefault(m.group(1) if m else name[:-len(".json")], []).append(name)
+repeated = {row_name: paths for row_name, paths in groups.items() if len(paths) > 1}
+ratio = None
+for row_name in sorted(groups):
+    name, data = median_run(groups[row_name])
     print(row(data["replicated"], peak_mib(name)))
     if "unreplicated" in data:
         print(row(data["unreplicated"]))
@@ -66,6 +89,31 @@ print()
 if ratio:
     print("Replicated / unreplicated throughput, measured in the same run (n = 4, gRPC):",
           "; ".join(f"{p}: {r:.2f}" for p, r in ratio))
+    print()
+if repeated:
+    print("Rows measured more than once (interleaved, same cluster) show their median run above, "
+          "by committed/s for a closed loop and by p99 for the open loop. Every run:\n")
+    print("| row | run | committed/s | p50 ms | p99 ms | ratio to unreplicated |")
+    print("|---|---|---|---|---|---|")
+    for row_name, paths in sorted(repeated.items()):
+        label = os.path.basename(row_name)
+        runs = [json.load(open(p)) for p in sorted(paths)]
+        for k, d in enumerate(runs, 1):
+            r = d["replicated"]
+            ratio_cell = f"{d['ratio']:.2f}" if "ratio" in d else "-"
+            print(f"| {label} | {k} | {r['throughput_per_sec']:.0f} | {r['p50_ms']:.1f} "
+                  f"| {r['p99_ms']:.1f} | {ratio_cell} |")
+
+        def med(values):
+            values = sorted(values)
+            return values[(len(values) - 1) // 2]
+
+        ratios = [d["ratio"] for d in runs if "ratio" in d]
+        ratio_cell = f"{med(ratios):.2f}" if ratios else "-"
+        print(f"| {label} | median of each | "
+              f"{med(d['replicated']['throughput_per_sec'] for d in runs):.0f} "
+              f"| {med(d['replicated']['p50_ms'] for d in runs):.1f} "
+              f"| {med(d['replicated']['p99_ms'] for d in runs):.1f} | {ratio_cell} |")
     print()
 print("`peak MiB`: the largest replica's peak resident memory (VmHWM) during that run, reset "
       "before each run; the unreplicated baseline's is not measured. Each cluster's peak over "

@@ -19,7 +19,8 @@ use curve25519_dalek::edwards::{CompressedEdwardsY, EdwardsPoint};
 use curve25519_dalek::scalar::Scalar;
 use curve25519_dalek::traits::{IsIdentity, VartimeMultiscalarMul};
 
-use ed25519_dalek::{Signer as _, SigningKey, VerifyingKey};
+use ed25519_dalek::hazmat::ExpandedSecretKey;
+use ed25519_dalek::{SigningKey, VerifyingKey};
 
 use crate::types::{ClientId, ReplicaId, Signature};
 
@@ -88,29 +89,36 @@ impl<'a> ReplicaSig<'a> {
     }
 }
 
-/// An ed25519 private key.
+/// An ed25519 private key, expanded once (the secret scalar and nonce prefix are a hash of
+/// the seed, which signing would otherwise recompute every time).
 pub struct Ed25519Signer {
-    key: SigningKey,
+    expanded: ExpandedSecretKey,
+    public: VerifyingKey,
 }
 
 impl Ed25519Signer {
     /// Builds a key from 32 secret bytes (a seed). Adapters read them from a key file; the
     /// simulator derives them from its scenario seed.
     pub fn from_secret(secret: [u8; 32]) -> Self {
+        let key = SigningKey::from_bytes(&secret);
         Ed25519Signer {
-            key: SigningKey::from_bytes(&secret),
+            expanded: ExpandedSecretKey::from(&secret),
+            public: key.verifying_key(),
         }
     }
 
     /// The public half, to register in a [`KeyRing`].
     pub fn public(&self) -> PublicKey {
-        PublicKey(self.key.verifying_key().to_bytes())
+        PublicKey(self.public.to_bytes())
     }
 }
 
 impl Signer for Ed25519Signer {
     fn sign(&self, msg: &[u8]) -> Signature {
-        Signature(self.key.sign(msg).to_bytes())
+        Signature(
+            ed25519_dalek::hazmat::raw_sign::<sha2::Sha512>(&self.expanded, msg, &self.public)
+                .to_bytes(),
+        )
     }
 }
 
@@ -361,6 +369,40 @@ impl TranscriptRng {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn unhex<const N: usize>(s: &str) -> [u8; N] {
+        let mut out = [0u8; N];
+        for (i, b) in out.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap();
+        }
+        out
+    }
+
+    #[test]
+    fn signing_matches_rfc_8032_and_ed25519_dalek() {
+        // RFC 8032 section 7.1, test 1 (empty message).
+        let key = Ed25519Signer::from_secret(unhex(
+            "9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60",
+        ));
+        assert_eq!(
+            key.public().0,
+            unhex::<32>("d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a")
+        );
+        assert_eq!(
+            key.sign(b"").0,
+            unhex::<64>(
+                "e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e065224901555fb8821590a33bacc61e39701cf9b46bd25bf5f0595bbe24655141438e7a100b"
+            )
+        );
+        for seed in 0..8u8 {
+            let secret = [seed.wrapping_mul(37).wrapping_add(1); 32];
+            let ours = Ed25519Signer::from_secret(secret);
+            let theirs = SigningKey::from_bytes(&secret);
+            let msg = vec![seed; 100 * seed as usize];
+            use ed25519_dalek::Signer as _;
+            assert_eq!(ours.sign(&msg).0, theirs.sign(&msg).to_bytes());
+        }
+    }
 
     #[test]
     fn signatures_verify_only_for_the_signer_and_the_bytes() {
