@@ -24,8 +24,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use axum::serve::ListenerExt as _;
 use pbft_core::{Replica, ReplicaId, Storage};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// How long shutdown waits for the servers to drain before exiting anyway.
 const DRAIN: Duration = Duration::from_secs(5);
@@ -104,6 +105,13 @@ async fn spawn_sidecar(
         .await
         .with_context(|| format!("cannot listen on {}", cfg.http_listen))?;
     info!(addr = %cfg.http_listen, "HTTP sidecar listening");
+    // Responses go out without waiting for the peer's acknowledgement of the last segment
+    // (Nagle's algorithm), as on the gRPC listeners.
+    let http = http.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            debug!(error = %e, "cannot set TCP_NODELAY on an HTTP connection");
+        }
+    });
     let app = sidecar::router(sidecar);
     Ok(tokio::spawn(async move {
         axum::serve(http, app)

@@ -448,7 +448,11 @@ pub(super) fn replay(db: &Path, applied: u64) -> Result<Replayed, StorageError> 
         let seed = match segment_seed(&data) {
             Some(seed) => seed,
             // A crash right after creating the newest segment: nothing was written to it.
-            None if newest && data.len() < SEGMENT_HEADER => continue,
+            // Its header may be missing, or read as zeros where the file's size reached the
+            // disk but its data did not. Either way no entry in it was acknowledged: an
+            // append's fdatasync makes the header (written first, when the segment was
+            // created) durable along with the entry.
+            None if newest && unwritten_header(&data) => continue,
             None => return Err(corrupt(path, 0, "not a journal segment (bad header)")),
         };
         let mut batches: HashMap<(Seq, Digest), Batch> = HashMap::new();
@@ -512,6 +516,13 @@ pub(super) fn replay(db: &Path, applied: u64) -> Result<Replayed, StorageError> 
         }
     }
     Ok(out)
+}
+
+/// Whether a segment's header never reached the disk: the file is shorter than a header,
+/// or its header is all zeros.
+fn unwritten_header(data: &[u8]) -> bool {
+    data.get(..SEGMENT_HEADER)
+        .is_none_or(|header| header.iter().all(|&b| b == 0))
 }
 
 /// The checksum seed of a segment that starts with a good header.
@@ -731,9 +742,26 @@ mod tests {
         let dir = TempDir::new().unwrap();
         let db = three_segments(&dir);
         let segs = segments(&db).unwrap();
-        // A crash right after creating a segment leaves it short of its header.
+        // A crash right after creating a segment leaves it short of its header, or with
+        // its size on disk but not its data (zeros).
         fs::write(&segs[2].1, &MAGIC[..3]).unwrap();
         assert_eq!(views(&replay(&db, 0).unwrap()), vec![1, 2, 3, 4]);
+        fs::write(&segs[2].1, vec![0; SEGMENT_HEADER + 100]).unwrap();
+        assert_eq!(views(&replay(&db, 0).unwrap()), vec![1, 2, 3, 4]);
+        // The same in an older segment is damage: a newer segment was written after it.
+        let older = fs::read(&segs[1].1).unwrap();
+        fs::write(&segs[1].1, vec![0; older.len()]).unwrap();
+        let err = replay(&db, 0).map(|r| r.last).unwrap_err();
+        assert!(err.to_string().contains("bad header"), "{err}");
+        fs::write(&segs[1].1, &older).unwrap();
+        // A header that is neither whole nor zeros is damage even in the newest segment.
+        let mut half = vec![0; SEGMENT_HEADER];
+        half[..MAGIC.len()].copy_from_slice(MAGIC);
+        half[0] ^= 1;
+        fs::write(&segs[2].1, &half).unwrap();
+        let err = replay(&db, 0).map(|r| r.last).unwrap_err();
+        assert!(err.to_string().contains("bad header"), "{err}");
+        fs::write(&segs[2].1, &MAGIC[..3]).unwrap();
         let mut bytes = fs::read(&segs[0].1).unwrap();
         bytes[0] ^= 1;
         fs::write(&segs[0].1, &bytes).unwrap();

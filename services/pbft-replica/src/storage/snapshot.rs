@@ -181,6 +181,7 @@ pub(super) fn write(file: &Path, stable: &StableCheckpoint) -> std::io::Result<(
         let mut out = Hashing {
             file: &mut f,
             hash: checksum_of(FILE, Key::Name(FILE)),
+            unsynced: 0,
         };
         write_stable_checkpoint(stable, &mut out)?;
         let header = frame_header(FRAME_VERSION, out.hash.digest().to_be_bytes());
@@ -195,16 +196,33 @@ pub(super) fn write(file: &Path, stable: &StableCheckpoint) -> std::io::Result<(
     Ok(())
 }
 
-/// Writes through to `file`, hashing what it writes.
+/// Bytes of a snapshot written between two syncs of its file.
+///
+/// Synced once at the end, a snapshot (the whole state: 13 MB in the benchmark) goes to the
+/// disk in one flush, and the journal's fdatasyncs, which every batch waits for, can wait
+/// behind it. In a micro-benchmark on the benchmark machine (6 KB write + fdatasync in a
+/// loop while 17 MB are written and synced beside it), the slowest fdatasync took 6.3 and
+/// 8.6 ms with one sync at the end, 4.1 and 4.3 ms with a sync every MiB. Synced as it
+/// goes, the file never has more than this much waiting for the disk.
+const SYNC_EVERY: usize = 1 << 20;
+
+/// Writes through to `file`, hashing what it writes, and syncs it every [`SYNC_EVERY`].
 struct Hashing<'f> {
     file: &'f mut File,
     hash: xxhash_rust::xxh3::Xxh3,
+    /// Bytes written since the last sync.
+    unsynced: usize,
 }
 
 impl std::io::Write for Hashing<'_> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let n = self.file.write(buf)?;
         self.hash.update(&buf[..n]);
+        self.unsynced += n;
+        if self.unsynced >= SYNC_EVERY {
+            self.file.sync_data()?;
+            self.unsynced = 0;
+        }
         Ok(n)
     }
 
