@@ -2,7 +2,7 @@
 # make bench: measures the local cluster (n = 4 and 7, gRPC and TCP, 64 B / 512 B / 1 KiB
 # payloads) with `pbft bench`, compares with the unreplicated baseline in the same run,
 # records peak replica memory, runs a 10-minute memory soak (scripts/soak_memory.sh), and
-# writes docs/BENCHMARKS.md. Bounded: about 15 minutes after the release build.
+# writes docs/BENCHMARKS.md. Bounded: about 16 minutes after the release build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10}
