@@ -19,8 +19,8 @@ use curve25519_dalek::edwards::{CompressedEdwardsY, EdwardsPoint};
 use curve25519_dalek::scalar::Scalar;
 use curve25519_dalek::traits::{IsIdentity, VartimeMultiscalarMul};
 
+use ed25519_dalek::VerifyingKey;
 use ed25519_dalek::hazmat::ExpandedSecretKey;
-use ed25519_dalek::{SigningKey, VerifyingKey};
 
 use crate::types::{ClientId, ReplicaId, Signature};
 
@@ -100,10 +100,10 @@ impl Ed25519Signer {
     /// Builds a key from 32 secret bytes (a seed). Adapters read them from a key file; the
     /// simulator derives them from its scenario seed.
     pub fn from_secret(secret: [u8; 32]) -> Self {
-        let key = SigningKey::from_bytes(&secret);
+        let expanded = ExpandedSecretKey::from(&secret);
         Ed25519Signer {
-            expanded: ExpandedSecretKey::from(&secret),
-            public: key.verifying_key(),
+            public: VerifyingKey::from(&expanded),
+            expanded,
         }
     }
 
@@ -397,7 +397,7 @@ mod tests {
         for seed in 0..8u8 {
             let secret = [seed.wrapping_mul(37).wrapping_add(1); 32];
             let ours = Ed25519Signer::from_secret(secret);
-            let theirs = SigningKey::from_bytes(&secret);
+            let theirs = ed25519_dalek::SigningKey::from_bytes(&secret);
             let msg = vec![seed; 100 * seed as usize];
             use ed25519_dalek::Signer as _;
             assert_eq!(ours.sign(&msg).0, theirs.sign(&msg).to_bytes());
