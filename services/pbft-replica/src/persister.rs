@@ -481,8 +481,14 @@ mod tests {
         let thread = std::thread::spawn(move || p.run(rx));
         tx.send(executed(1)).unwrap();
         // The node loop stays connected and quiet: the block must not wait for it.
+        // The reply is logged at once and the sync 2 ms later: wait for the sync.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while log.lock().unwrap().is_empty() {
+        while !log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|s| matches!(s, Step::Persist(_)))
+        {
             assert!(Instant::now() < deadline, "block 1 never synced");
             std::thread::sleep(Duration::from_millis(1));
         }
