@@ -4,6 +4,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 
@@ -70,11 +71,13 @@ def median_run(paths):
     return runs[(len(runs) - 1) // 2]
 
 
-# Rows run more than once are `<row>.r<k>.json`: grouped under `<row>`.
+# Rows run more than once are `<row>.r<k>.json`: grouped under `<row>`, in run order.
 groups = {}
-for name in sorted(glob.glob(os.path.join(out, "n*-*.json"))):
+for name in glob.glob(os.path.join(out, "n*-*.json")):
     m = re.match(r"(.*)\.r(\d+)\.json$", name)
-    groups.setdefault(m.group(1) if m else name[:-len(".json")], []).append(name)
+    row_name, run = (m.group(1), int(m.group(2))) if m else (name[:-len(".json")], 0)
+    groups.setdefault(row_name, []).append((run, name))
+groups = {row_name: [name for _, name in sorted(runs)] for row_name, runs in groups.items()}
 repeated = {row_name: paths for row_name, paths in groups.items() if len(paths) > 1}
 ratio = None
 for row_name in sorted(groups):
@@ -97,23 +100,20 @@ if repeated:
     print("|---|---|---|---|---|---|")
     for row_name, paths in sorted(repeated.items()):
         label = os.path.basename(row_name)
-        runs = [json.load(open(p)) for p in sorted(paths)]
+        runs = [json.load(open(p)) for p in paths]
         for k, d in enumerate(runs, 1):
             r = d["replicated"]
             ratio_cell = f"{d['ratio']:.2f}" if "ratio" in d else "-"
             print(f"| {label} | {k} | {r['throughput_per_sec']:.0f} | {r['p50_ms']:.1f} "
                   f"| {r['p99_ms']:.1f} | {ratio_cell} |")
 
-        def med(values):
-            values = sorted(values)
-            return values[(len(values) - 1) // 2]
-
+        med = statistics.median_low
         ratios = [d["ratio"] for d in runs if "ratio" in d]
         ratio_cell = f"{med(ratios):.2f}" if ratios else "-"
         print(f"| {label} | median of each | "
-              f"{med(d['replicated']['throughput_per_sec'] for d in runs):.0f} "
-              f"| {med(d['replicated']['p50_ms'] for d in runs):.1f} "
-              f"| {med(d['replicated']['p99_ms'] for d in runs):.1f} | {ratio_cell} |")
+              f"{med([d['replicated']['throughput_per_sec'] for d in runs]):.0f} "
+              f"| {med([d['replicated']['p50_ms'] for d in runs]):.1f} "
+              f"| {med([d['replicated']['p99_ms'] for d in runs]):.1f} | {ratio_cell} |")
     print()
 print("`peak MiB`: the largest replica's peak resident memory (VmHWM) during that run, reset "
       "before each run; the unreplicated baseline's is not measured. Each cluster's peak over "
