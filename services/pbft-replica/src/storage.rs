@@ -22,10 +22,13 @@
 //! | `meta`        | `"format"`   | format tag, checked on open                     |
 //! | `meta`        | `"view"`     | view (u64, big-endian) and `changing` (1 byte)  |
 //! | `meta`        | `"journal"`  | last journal entry applied (u64, big-endian)    |
+//! | `meta`        | `"ledger"`   | end of the ledger file's committed part (u64)   |
 //! | `accepted`    | seq          | `SignedPrePrepare`                              |
 //! | `prepared`    | seq          | `PreparedProof` (the highest view per seq)      |
 //! | `blocks`      | height       | `Block`; never pruned: it is the ledger         |
-//! | `batches`     | seq, digest  | `Batch` of the three above (see below)          |
+//! | `batches`     | seq, digest  | where the `Batch` of the three above lies in    |
+//! |               |              | the ledger file (see below); in stores written  |
+//! |               |              | before that file, the `Batch` itself            |
 //! | `checkpoints` | seq          | `CheckpointCertificate`                         |
 //! | `snapshot`    | `"latest"`   | `StableCheckpoint`, in stores written before    |
 //! |               |              | snapshot files; read, never written now         |
@@ -40,16 +43,19 @@
 //! them. Those records are stored with an empty batch and the batch's digest, and the
 //! batch under (sequence, digest) in `batches`, where it stays while any record refers to
 //! it: pruning and overwrites drop a batch once nothing does, so a batch outlives its
-//! pre-prepare only as part of the ledger.
+//! pre-prepare only as part of the ledger. The batch's bytes themselves are appended to
+//! the ledger file (`<db>.ledger`, see `storage/ledger.rs`) and `batches` holds where they
+//! lie, so redb stays a small index however long the ledger grows.
 //!
 //! Integrity: every value is framed as `[version][checksum: 8][payload]`, the checksum being
 //! XXH3-64 (format 1: the first 8 bytes of SHA-256) over the table name, the key and the
-//! payload; the snapshot file is framed the same way. A damaged value,
+//! payload; the snapshot file and each batch in the ledger file are framed the same way. A damaged value,
 //! or one that ended up under the wrong key, is reported as [`StorageError::Corrupt`] naming the
 //! table and key, never decoded into wrong data. Below that, the database is opened with redb's
 //! integrity check, which verifies every page checksum, so a truncated or overwritten file
-//! fails to open. That check reads the whole file once per start; a replica restarts rarely and
-//! must not run on damaged state.
+//! fails to open. That check reads the whole database once per start, which the ledger file
+//! keeps small; the ledger file's batches are checked as they are read, and all of them by
+//! [`RedbStore::verify`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -67,9 +73,11 @@ use pbft_api::convert::Wire;
 
 mod flusher;
 mod journal;
+mod ledger;
 mod snapshot;
 
 use journal::{Journal, Op};
+use ledger::{Appender, Extent, LedgerFile};
 
 /// A table definition together with its name (redb only lends the name out for as long as the
 /// definition is borrowed, and errors and checksums need it).
@@ -123,6 +131,8 @@ const FORMAT_KEY: &str = "format";
 const VIEW_KEY: &str = "view";
 /// The last journal entry applied to the database (see `journal`).
 const JOURNAL_KEY: &str = "journal";
+/// Where the ledger file's committed part ends (see `ledger`).
+const LEDGER_KEY: &str = "ledger";
 const LATEST_KEY: &str = "latest";
 /// Marks a file as this store's, so that some other redb file is refused instead of reused.
 const FORMAT_TAG: &[u8] = b"pbft-replica-store";
@@ -137,6 +147,9 @@ const FRAME_VERSION_SHA256: u8 = 1;
 /// the module documentation). Its payload is the batch digest, then the record with an
 /// empty batch.
 const FRAME_VERSION_SPLIT: u8 = 3;
+/// Frame format 4: checksummed as format 2, for a batch kept in the ledger file (see
+/// `ledger`). Its payload is the batch's [`Extent`] there; only `batches` holds these.
+const FRAME_VERSION_LEDGER: u8 = 4;
 const DIGEST_LEN: usize = 32;
 const CHECKSUM_LEN: usize = 8;
 const HEADER_LEN: usize = 1 + CHECKSUM_LEN;
@@ -249,6 +262,7 @@ pub struct RedbReader {
     db: Arc<Database>,
     path: Arc<Path>,
     overlay: Arc<Mutex<Overlay>>,
+    ledger: Arc<LedgerFile>,
 }
 
 impl fmt::Debug for RedbReader {
@@ -369,7 +383,7 @@ fn unframe_record<'v>(
     }
     let (header, payload) = value.split_at(HEADER_LEN);
     let expected = match header[0] {
-        FRAME_VERSION | FRAME_VERSION_SPLIT => checksum(table, key, payload),
+        FRAME_VERSION | FRAME_VERSION_SPLIT | FRAME_VERSION_LEDGER => checksum(table, key, payload),
         FRAME_VERSION_SHA256 => checksum_sha256(table, key, payload),
         other => {
             return Err(corrupt(
@@ -381,6 +395,9 @@ fn unframe_record<'v>(
     };
     if header[1..] != expected {
         return Err(corrupt(table, key, "checksum mismatch"));
+    }
+    if header[0] == FRAME_VERSION_LEDGER {
+        return Err(corrupt(table, key, "a ledger reference where none belongs"));
     }
     if header[0] != FRAME_VERSION_SPLIT {
         return Ok((None, payload));
@@ -396,8 +413,57 @@ fn unframe_record<'v>(
 
 /// Checks and decodes a stored value.
 fn decode<T: Wire>(table: &str, key: Key<'_>, value: &[u8]) -> Result<T, StorageError> {
-    let payload = unframe(table, key, value)?;
+    decode_payload(table, key, unframe(table, key, value)?)
+}
+
+fn decode_payload<T: Wire>(table: &str, key: Key<'_>, payload: &[u8]) -> Result<T, StorageError> {
     T::from_bytes(payload).map_err(|e| corrupt(table, key, format_args!("does not decode: {e}")))
+}
+
+/// A value of `batches`: the batch itself (stores before the ledger file), or where it
+/// lies in the ledger file.
+enum StoredBatch<'v> {
+    Inline(&'v [u8]),
+    InLedger(Extent),
+}
+
+fn unframe_batch<'v>(key: Key<'_>, value: &'v [u8]) -> Result<StoredBatch<'v>, StorageError> {
+    let name = BATCHES.name;
+    if value.first() != Some(&FRAME_VERSION_LEDGER) {
+        return Ok(StoredBatch::Inline(unframe(name, key, value)?));
+    }
+    let (header, payload) = value
+        .split_at_checked(HEADER_LEN)
+        .ok_or_else(|| corrupt(name, key, "value shorter than its header"))?;
+    if header[1..] != checksum(name, key, payload) {
+        return Err(corrupt(name, key, "checksum mismatch"));
+    }
+    match Extent::from_bytes(payload) {
+        Some(at) if payload.len() == Extent::ENCODED_LEN => Ok(StoredBatch::InLedger(at)),
+        _ => Err(corrupt(
+            name,
+            key,
+            format_args!("a ledger reference of {} bytes", payload.len()),
+        )),
+    }
+}
+
+/// The batch stored under `key` in `batches` (`value`), read from the ledger file if it
+/// lies there; checked against its checksum either way.
+fn load_batch(ledger: &LedgerFile, key: Key<'_>, value: &[u8]) -> Result<Batch, StorageError> {
+    match unframe_batch(key, value)? {
+        StoredBatch::Inline(payload) => decode_payload(BATCHES.name, key, payload),
+        StoredBatch::InLedger(at) => {
+            let framed = ledger.read(at)?;
+            decode(BATCHES.name, key, &framed).map_err(|e| match e {
+                StorageError::Corrupt(m) => StorageError::Corrupt(format!(
+                    "ledger file, {} bytes at offset {}: {m}",
+                    at.len, at.offset
+                )),
+                io => io,
+            })
+        }
+    }
 }
 
 /// Values stored under a sequence number carry that number themselves; the two must agree.
@@ -534,9 +600,10 @@ fn decode_shallow<T: WithBatch>(
     Ok((payload_at(table, seq, payload)?, digest))
 }
 
-/// A stored record with its batch, fetched from `batches` if it is kept apart.
+/// A stored record with its batch, fetched through `batches` if it is kept apart.
 fn decode_record<T: WithBatch>(
     batches: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    ledger: &LedgerFile,
     table: &str,
     seq: Seq,
     value: &[u8],
@@ -554,7 +621,7 @@ fn decode_record<T: WithBatch>(
                     format_args!("its batch {key} is missing"),
                 )
             })?;
-        *record.batch_mut() = decode(BATCHES.name, key, stored.value())?;
+        *record.batch_mut() = load_batch(ledger, key, stored.value())?;
     }
     Ok(record)
 }
@@ -576,13 +643,14 @@ fn batch_ref(table: &str, seq: Seq, value: &[u8]) -> Result<Option<Digest>, Stor
     Ok(unframe_record(table, Key::Seq(seq), value)?.0)
 }
 
-/// Writes `record` under `seq`, its batch into `batches` unless already there (an empty
-/// batch stays inline). Returns the batch the replaced value kept apart, if any: it may now
-/// be unused.
+/// Writes `record` under `seq`, its batch into the ledger file and a reference to it into
+/// `batches` unless already there (an empty batch stays inline). Returns the batch the
+/// replaced value kept apart, if any: it may now be unused.
 fn put_record<T: WithBatch>(
     table: &mut redb::Table<'_, u64, &'static [u8]>,
     name: &'static str,
     batches: &mut redb::Table<'_, &'static [u8], &'static [u8]>,
+    ledger: &mut Appender,
     seq: Seq,
     record: &T,
 ) -> Result<Option<(Seq, Digest)>, StorageError> {
@@ -597,7 +665,8 @@ fn put_record<T: WithBatch>(
             .map_err(write_err(BATCHES.name))?
             .is_some();
         if !stored {
-            let v = frame(BATCHES.name, key, &record.batch().to_bytes());
+            let at = ledger.stage(&frame(BATCHES.name, key, &record.batch().to_bytes()))?;
+            let v = frame_as(FRAME_VERSION_LEDGER, BATCHES.name, key, &at.to_bytes());
             batches
                 .insert(key_bytes.as_slice(), v.as_slice())
                 .map_err(write_err(BATCHES.name))?;
@@ -672,20 +741,24 @@ impl RedbStore {
             StorageError::Corrupt(m) => StorageError::Corrupt(format!("{context}: {m}")),
         };
         init(&db).map_err(with_context)?;
-        let last = replay_journal(&db, path).map_err(with_context)?;
+        let end = meta_u64(&db, LEDGER_KEY).map_err(with_context)?;
+        let file = Arc::new(LedgerFile::open(path, end)?);
+        let mut ledger = Appender::new(file.clone(), end);
+        let last = replay_journal(&db, &mut ledger, path).map_err(with_context)?;
         let overlay = Arc::new(Mutex::new(Overlay::default()));
         let writer = Writer {
             journal: Journal::start(path, last + 1)?,
             unflushed: Vec::new(),
             unflushed_bytes: 0,
             last,
-            flusher: flusher::Flusher::start(db.clone(), path.into(), overlay.clone())?,
+            flusher: flusher::Flusher::start(db.clone(), ledger, path.into(), overlay.clone())?,
         };
         Ok(RedbStore {
             reader: RedbReader {
                 db,
                 path: path.into(),
                 overlay,
+                ledger: file,
             },
             snapshots: snapshot::SnapshotWriter::start(snapshot::path_for(path))?,
             writer: Mutex::new(writer),
@@ -771,32 +844,33 @@ fn init(db: &Database) -> Result<(), StorageError> {
     txn.commit().map_err(|e| db_error("committing", e))
 }
 
+/// A number kept under `key` in `meta` (0 if it is not there yet).
+fn meta_u64(db: &Database, key: &'static str) -> Result<u64, StorageError> {
+    let txn = db
+        .begin_read()
+        .map_err(|e| db_error("starting a read transaction", e))?;
+    let meta = META.open_read(&txn)?;
+    let Some(v) = get_named(&meta, key)? else {
+        return Ok(0);
+    };
+    let payload = unframe(META.name, Key::Name(key), &v)?;
+    let n: [u8; 8] = payload.try_into().map_err(|_| {
+        corrupt(
+            META.name,
+            Key::Name(key),
+            format_args!("{} bytes, not 8", payload.len()),
+        )
+    })?;
+    Ok(u64::from_be_bytes(n))
+}
+
 /// Applies what the journal holds beyond the database, then deletes its segments. Returns
 /// the last journal entry number, applied or seen.
-fn replay_journal(db: &Database, path: &Path) -> Result<u64, StorageError> {
-    let applied = {
-        let txn = db
-            .begin_read()
-            .map_err(|e| db_error("starting a read transaction", e))?;
-        let meta = META.open_read(&txn)?;
-        match get_named(&meta, JOURNAL_KEY)? {
-            Some(v) => {
-                let payload = unframe(META.name, Key::Name(JOURNAL_KEY), &v)?;
-                let n: [u8; 8] = payload.try_into().map_err(|_| {
-                    corrupt(
-                        META.name,
-                        Key::Name(JOURNAL_KEY),
-                        format_args!("{} bytes, not 8", payload.len()),
-                    )
-                })?;
-                u64::from_be_bytes(n)
-            }
-            None => 0,
-        }
-    };
+fn replay_journal(db: &Database, ledger: &mut Appender, path: &Path) -> Result<u64, StorageError> {
+    let applied = meta_u64(db, JOURNAL_KEY)?;
     let replayed = journal::replay(path, applied)?;
     if !replayed.ops.is_empty() {
-        apply(db, &replayed.ops, replayed.last)?;
+        apply(db, ledger, &replayed.ops, replayed.last)?;
     }
     journal::remove_segments(path, u64::MAX)?;
     Ok(replayed.last)
@@ -829,7 +903,7 @@ impl RedbReader {
             snapshot::catch_up(self.newest_snapshot(&txn)?, newest_cert, |from, to| {
                 let table = BLOCKS.open_read(&txn)?;
                 read_range(&table, BLOCKS.name, from..=to, usize::MAX, |seq, v| {
-                    decode_record(&batches, BLOCKS.name, seq, v)
+                    decode_record(&batches, &self.ledger, BLOCKS.name, seq, v)
                 })
             })?;
         let base = checkpoint.as_ref().map_or(0, |c| c.cert.seq);
@@ -839,7 +913,7 @@ impl RedbReader {
         if let Some(first) = base.checked_add(1) {
             let table = BLOCKS.open_read(&txn)?;
             blocks = read_range(&table, BLOCKS.name, first.., usize::MAX, |seq, v| {
-                decode_record(&batches, BLOCKS.name, seq, v)
+                decode_record(&batches, &self.ledger, BLOCKS.name, seq, v)
             })?;
             for (expected, b) in (first..).zip(&blocks) {
                 if b.height != expected {
@@ -859,8 +933,8 @@ impl RedbReader {
             changing,
             checkpoint,
             blocks,
-            accepted: scan_records(&txn, &batches, ACCEPTED)?,
-            prepared: scan_records(&txn, &batches, PREPARED)?,
+            accepted: scan_records(&txn, &batches, &self.ledger, ACCEPTED)?,
+            prepared: scan_records(&txn, &batches, &self.ledger, PREPARED)?,
         })
     }
 
@@ -901,9 +975,10 @@ impl RedbReader {
         let txn = self.read_txn()?;
         let batches = BATCHES.open_read(&txn)?;
         let mut used = BTreeSet::new();
-        let accepted: Vec<Signed<PrePrepare>> = scan_records(&txn, &batches, ACCEPTED)?;
-        let prepared: Vec<PreparedProof> = scan_records(&txn, &batches, PREPARED)?;
-        let blocks: Vec<Block> = scan_records(&txn, &batches, BLOCKS)?;
+        let accepted: Vec<Signed<PrePrepare>> =
+            scan_records(&txn, &batches, &self.ledger, ACCEPTED)?;
+        let prepared: Vec<PreparedProof> = scan_records(&txn, &batches, &self.ledger, PREPARED)?;
+        let blocks: Vec<Block> = scan_records(&txn, &batches, &self.ledger, BLOCKS)?;
         used.extend(accepted.iter().map(|r| (r.seq(), r.batch_digest())));
         used.extend(prepared.iter().map(|r| (r.seq(), r.batch_digest())));
         used.extend(blocks.iter().map(|r| (r.seq(), r.batch_digest())));
@@ -920,7 +995,7 @@ impl RedbReader {
                     k.value().len()
                 ))
             })?;
-            let batch: Batch = decode(BATCHES.name, Key::Batch(key.0, key.1), v.value())?;
+            let batch = load_batch(&self.ledger, Key::Batch(key.0, key.1), v.value())?;
             if batch.digest() != key.1 {
                 return Err(corrupt(
                     BATCHES.name,
@@ -993,11 +1068,12 @@ fn scan<T: AtSeq>(txn: &redb::ReadTransaction, tab: Tab<u64>) -> Result<Vec<T>, 
 fn scan_records<T: WithBatch>(
     txn: &redb::ReadTransaction,
     batches: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    ledger: &LedgerFile,
     tab: Tab<u64>,
 ) -> Result<Vec<T>, StorageError> {
     let table = tab.open_read(txn)?;
     read_range(&table, tab.name, .., usize::MAX, |seq, v| {
-        decode_record(batches, tab.name, seq, v)
+        decode_record(batches, ledger, tab.name, seq, v)
     })
 }
 
@@ -1041,9 +1117,24 @@ impl Storage for RedbStore {
 }
 
 /// Applies `ops`, in order, to redb in one transaction that also records `upto` as the last
-/// journal entry applied, and commits it durably. On error nothing of `ops` is applied (the
-/// transaction is dropped, which aborts it).
-fn apply(db: &Database, ops: &[Op], upto: u64) -> Result<(), StorageError> {
+/// journal entry applied, and commits it durably; their new batches go to the ledger file
+/// first. On error nothing of `ops` is applied (the transaction is dropped, which aborts
+/// it, and the ledger's end stays where it was).
+fn apply(db: &Database, ledger: &mut Appender, ops: &[Op], upto: u64) -> Result<(), StorageError> {
+    let result = apply_in_transaction(db, ledger, ops, upto);
+    match result {
+        Ok(()) => ledger.committed(),
+        Err(_) => ledger.abandon(),
+    }
+    result
+}
+
+fn apply_in_transaction(
+    db: &Database,
+    ledger: &mut Appender,
+    ops: &[Op],
+    upto: u64,
+) -> Result<(), StorageError> {
     let keep = survivors(ops);
     let mut txn = db
         .begin_write()
@@ -1078,6 +1169,7 @@ fn apply(db: &Database, ops: &[Op], upto: u64) -> Result<(), StorageError> {
                         &mut accepted,
                         ACCEPTED.name,
                         &mut batches,
+                        ledger,
                         seq,
                         pp,
                     )?);
@@ -1095,6 +1187,7 @@ fn apply(db: &Database, ops: &[Op], upto: u64) -> Result<(), StorageError> {
                             &mut prepared,
                             PREPARED.name,
                             &mut batches,
+                            ledger,
                             seq,
                             p,
                         )?);
@@ -1105,6 +1198,7 @@ fn apply(db: &Database, ops: &[Op], upto: u64) -> Result<(), StorageError> {
                         &mut blocks,
                         BLOCKS.name,
                         &mut batches,
+                        ledger,
                         b.height,
                         b,
                     )?);
@@ -1158,6 +1252,13 @@ fn apply(db: &Database, ops: &[Op], upto: u64) -> Result<(), StorageError> {
                     .map_err(write_err(BATCHES.name))?;
             }
         }
+        // The batches are durable before the references to them are.
+        let end = ledger.write()?;
+        meta.insert(
+            LEDGER_KEY,
+            frame(META.name, Key::Name(LEDGER_KEY), &end.to_be_bytes()).as_slice(),
+        )
+        .map_err(write_err(META.name))?;
     }
     txn.commit().map_err(|e| db_error("committing", e))
 }
@@ -1209,7 +1310,7 @@ impl StateProvider for RedbReader {
         let table = BLOCKS.open_read(&txn)?;
         let batches = BATCHES.open_read(&txn)?;
         let stored: Vec<Block> = read_range(&table, BLOCKS.name, from_height.., max, |seq, v| {
-            decode_record(&batches, BLOCKS.name, seq, v)
+            decode_record(&batches, &self.ledger, BLOCKS.name, seq, v)
         })?;
         found.extend(stored.into_iter().map(|b| (b.height, b)));
         Ok(found.into_values().take(max).collect())
@@ -1757,12 +1858,24 @@ mod tests {
         assert!(m.contains("block 11 is missing"), "{m}");
     }
 
-    #[test]
-    fn a_byte_flipped_in_the_file_fails_open_or_recover() {
-        let dir = TempDir::new().unwrap();
-        let path = dir.path().join("pbft.redb");
-        let marker = b"MARKER-a1b2c3d4e5f6-MARKER";
-        let mut db = RedbStore::open(&path).unwrap();
+    /// Flips a byte inside every copy of `marker` in `file`; returns how many there were.
+    fn flip_marker(file: &std::path::Path, marker: &[u8]) -> usize {
+        let mut bytes = std::fs::read(file).unwrap();
+        let hits: Vec<usize> = bytes
+            .windows(marker.len())
+            .enumerate()
+            .filter(|(_, w)| *w == marker)
+            .map(|(i, _)| i)
+            .collect();
+        for &i in &hits {
+            bytes[i + 3] ^= 0x01;
+        }
+        std::fs::write(file, &bytes).unwrap();
+        hits.len()
+    }
+
+    fn store_with_marked_block(path: &std::path::Path, marker: &[u8]) {
+        let mut db = RedbStore::open(path).unwrap();
         let mut b = block(1, Digest::ZERO);
         b.batch.requests_mut()[0].op = Operation::Put {
             key: marker.to_vec(),
@@ -1770,21 +1883,85 @@ mod tests {
         };
         db.persist(&[PersistOp::Block(b)]).unwrap();
         db.flush_journal().unwrap();
-        drop(db);
-        let mut bytes = std::fs::read(&path).unwrap();
-        let hits: Vec<usize> = bytes
-            .windows(marker.len())
-            .enumerate()
-            .filter(|(_, w)| *w == marker)
-            .map(|(i, _)| i)
-            .collect();
-        assert!(!hits.is_empty(), "marker not found in the file");
-        for i in hits {
-            bytes[i + 3] ^= 0x01;
-        }
-        std::fs::write(&path, &bytes).unwrap();
+    }
+
+    #[test]
+    fn a_byte_flipped_in_the_file_fails_open_or_recover() {
+        let dir = TempDir::new().unwrap();
+        let path = dir.path().join("pbft.redb");
+        let marker = b"MARKER-a1b2c3d4e5f6-MARKER";
+        store_with_marked_block(&path, marker);
+        let hits = flip_marker(&path, marker) + flip_marker(&ledger::path_for(&path), marker);
+        assert!(hits > 0, "marker not found in the files");
         let result = RedbStore::open(&path).and_then(|db| db.recover());
         assert!(result.is_err(), "damaged file was read: {result:?}");
+    }
+
+    #[test]
+    fn a_block_batch_lies_in_the_ledger_file_and_damage_there_names_it() {
+        let dir = TempDir::new().unwrap();
+        let path = dir.path().join("pbft.redb");
+        let marker = b"MARKER-in-the-ledger-file";
+        store_with_marked_block(&path, marker);
+        assert_eq!(flip_marker(&path, marker), 0, "the batch is not in redb");
+        assert_eq!(flip_marker(&ledger::path_for(&path), marker), 1);
+        let db = RedbStore::open(&path).unwrap();
+        let m = corrupt_message(db.recover());
+        assert!(m.contains("ledger file") && m.contains("key 1/"), "{m}");
+        assert!(m.contains("checksum mismatch"), "{m}");
+        let m = corrupt_message(db.verify());
+        assert!(m.contains("ledger file"), "{m}");
+    }
+
+    #[test]
+    fn a_ledger_file_shorter_than_the_database_says_is_refused() {
+        let dir = TempDir::new().unwrap();
+        let path = dir.path().join("pbft.redb");
+        store_with_marked_block(&path, b"marker");
+        let file = ledger::path_for(&path);
+        let len = std::fs::metadata(&file).unwrap().len();
+        std::fs::File::options()
+            .write(true)
+            .open(&file)
+            .unwrap()
+            .set_len(len - 1)
+            .unwrap();
+        let m = corrupt_message(RedbStore::open(&path).map(|_| ()));
+        assert!(m.contains("committed batches are missing"), "{m}");
+    }
+
+    #[test]
+    fn bytes_past_the_committed_end_are_cut_off_and_overwritten() {
+        // A flush that wrote its batches and crashed before its commit: the journal
+        // replays it, and the next batches go where the unfinished ones were.
+        let dir = TempDir::new().unwrap();
+        let path = dir.path().join("pbft.redb");
+        let blocks = chain(6);
+        let mut mem = MemStore::default();
+        {
+            let mut db = RedbStore::open(&path).unwrap();
+            let ops: Vec<_> = blocks[..3].iter().cloned().map(PersistOp::Block).collect();
+            db.persist(&ops).unwrap();
+            mem.persist(&ops).unwrap();
+            db.flush_journal().unwrap();
+        }
+        let file = ledger::path_for(&path);
+        let committed = std::fs::metadata(&file).unwrap().len();
+        let mut bytes = std::fs::read(&file).unwrap();
+        bytes.extend_from_slice(&[0xAB; 5000]);
+        std::fs::write(&file, &bytes).unwrap();
+        let mut db = RedbStore::open(&path).unwrap();
+        assert_eq!(std::fs::metadata(&file).unwrap().len(), committed);
+        let ops: Vec<_> = blocks[3..].iter().cloned().map(PersistOp::Block).collect();
+        db.persist(&ops).unwrap();
+        mem.persist(&ops).unwrap();
+        db.flush_journal().unwrap();
+        db.verify().unwrap();
+        assert_same_answers(&mem, &db, "after the cut");
+        drop(db);
+        let db = RedbStore::open(&path).unwrap();
+        db.verify().unwrap();
+        assert_same_answers(&mem, &db, "reopened");
     }
 
     #[test]
@@ -2124,7 +2301,7 @@ mod tests {
         let txn = db.reader.db.begin_write().unwrap();
         {
             let mut t = txn.open_table(BATCHES.def).unwrap();
-            let batch: Batch = decode(BATCHES.name, Key::Batch(seq, digest), &value).unwrap();
+            let batch = load_batch(&db.reader.ledger, Key::Batch(seq, digest), &value).unwrap();
             t.insert(key.as_slice(), value.as_slice()).unwrap();
             let stray = Key::Batch(999, batch.digest());
             let v = frame(BATCHES.name, stray, &batch.to_bytes());
@@ -2133,6 +2310,42 @@ mod tests {
         txn.commit().unwrap();
         let msg = corrupt_message(db.verify());
         assert!(msg.contains("no record refers"), "{msg}");
+    }
+
+    #[test]
+    fn blocks_whose_batches_redb_holds_still_read_beside_ledger_file_ones() {
+        // Stores written before the ledger file kept each batch in `batches` itself.
+        let dir = TempDir::new().unwrap();
+        let mut db = open(&dir);
+        let blocks = chain(4);
+        let txn = db.reader.db.begin_write().unwrap();
+        {
+            let mut records = txn.open_table(BLOCKS.def).unwrap();
+            let mut batches = txn.open_table(BATCHES.def).unwrap();
+            for b in &blocks[..2] {
+                let key = Key::Batch(b.height, b.batch_digest());
+                let v = frame(BATCHES.name, key, &b.batch.to_bytes());
+                batches
+                    .insert(key.bytes().as_slice(), v.as_slice())
+                    .unwrap();
+                let mut payload = b.batch_digest().0.to_vec();
+                payload.extend_from_slice(&b.without_batch().to_bytes());
+                let v = frame_as(
+                    FRAME_VERSION_SPLIT,
+                    BLOCKS.name,
+                    Key::Seq(b.height),
+                    &payload,
+                );
+                records.insert(b.height, v.as_slice()).unwrap();
+            }
+        }
+        txn.commit().unwrap();
+        let ops: Vec<_> = blocks[2..].iter().cloned().map(PersistOp::Block).collect();
+        db.persist(&ops).unwrap();
+        db.flush_journal().unwrap();
+        db.verify().unwrap();
+        assert_eq!(db.recover().unwrap().blocks, blocks);
+        assert_eq!(db.blocks_from(1, 10).unwrap(), blocks);
     }
 
     #[test]

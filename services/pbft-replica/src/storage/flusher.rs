@@ -18,6 +18,7 @@ use tracing::error;
 
 use super::Overlay;
 use super::journal::{self, Op};
+use super::ledger::Appender;
 
 /// Operations for redb: every operation of the journal's entries up to `upto`, which redb
 /// does not hold yet. `done` is told when they are applied (or failed).
@@ -38,6 +39,7 @@ pub(super) struct Flusher {
 impl Flusher {
     pub(super) fn start(
         db: Arc<Database>,
+        mut ledger: Appender,
         path: PathBuf,
         overlay: Arc<Mutex<Overlay>>,
     ) -> Result<Flusher, StorageError> {
@@ -48,7 +50,7 @@ impl Flusher {
         let slot = failed.clone();
         let thread = std::thread::Builder::new()
             .name("pbft-flush".into())
-            .spawn(move || run(&db, &path, &overlay, &slot, rx))
+            .spawn(move || run(&db, &mut ledger, &path, &overlay, &slot, rx))
             .map_err(|e| StorageError::Io(format!("starting the flush thread: {e}")))?;
         Ok(Flusher {
             jobs: Some(tx),
@@ -99,6 +101,7 @@ impl Drop for Flusher {
 
 fn run(
     db: &Database,
+    ledger: &mut Appender,
     path: &std::path::Path,
     overlay: &Mutex<Overlay>,
     failed: &Mutex<Option<StorageError>>,
@@ -109,7 +112,7 @@ fn run(
         // After a failure nothing more is applied: a later job's `upto` would mark the
         // failed one's entries as applied, and its segments would be deleted.
         if !broken && !job.ops.is_empty() {
-            let result = super::apply(db, &job.ops, job.upto)
+            let result = super::apply(db, ledger, &job.ops, job.upto)
                 .and_then(|()| journal::remove_segments(path, job.upto));
             match result {
                 Ok(()) => overlay

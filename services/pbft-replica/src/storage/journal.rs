@@ -212,7 +212,7 @@ fn dir_of(file: &Path) -> &Path {
 }
 
 /// Makes a new directory entry (a new segment) durable.
-fn sync_dir(file: &Path) -> Result<(), StorageError> {
+pub(super) fn sync_dir(file: &Path) -> Result<(), StorageError> {
     let dir = dir_of(file);
     File::open(dir)
         .and_then(|d| d.sync_all())
