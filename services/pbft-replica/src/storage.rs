@@ -49,11 +49,11 @@
 //!
 //! Integrity: every value is framed as `[version][checksum: 8][payload]`, the checksum being
 //! XXH3-64 (format 1: the first 8 bytes of SHA-256) over the table name, the key and the
-//! payload; the snapshot file and each batch in the ledger file are framed the same way. A damaged value,
-//! or one that ended up under the wrong key, is reported as [`StorageError::Corrupt`] naming the
-//! table and key, never decoded into wrong data. Below that, the database is opened with redb's
-//! integrity check, which verifies every page checksum, so a truncated or overwritten file
-//! fails to open. That check reads the whole database once per start, which the ledger file
+//! payload; the snapshot file and each batch in the ledger file are framed the same way. A
+//! damaged value, or one that ended up under the wrong key, is reported as
+//! [`StorageError::Corrupt`] naming the table and key, never decoded into wrong data. Below
+//! that, the database is opened with redb's integrity check, which verifies every page
+//! checksum, so a truncated or overwritten file fails to open. That check reads the whole database once per start, which the ledger file
 //! keeps small; the ledger file's batches are checked as they are read, and all of them by
 //! [`RedbStore::verify`].
 

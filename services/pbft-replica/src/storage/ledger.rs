@@ -28,9 +28,9 @@
 //! Written pages leave the page cache once they are on disk (`POSIX_FADV_DONTNEED`): the
 //! ledger is read back only to serve a lagging peer or a verification, and its pages
 //! otherwise fill the cache with data nobody reads, each write touching fresh memory. On
-//! this project's benchmark machine that cut the flush thread's CPU by a third (36-38 against
-//! 47-60 ticks per 5 s at 1,024 requests in flight), most of it the kernel's copy into new
-//! page-cache pages.
+//! this project's benchmark machine that cut the flush thread's CPU by a third (36-38
+//! against 47-60 ticks per 5 s at 1,024 requests in flight), most of it the kernel's copy
+//! into new page-cache pages.
 //!
 //! A batch whose last reference goes (a pre-prepare that a new view replaced before it
 //! executed) leaves its bytes behind as dead space: rare, and the file is append-only.
