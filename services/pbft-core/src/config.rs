@@ -76,7 +76,11 @@ impl Default for Config {
             checkpoint_interval: 128,
             log_window: 256,
             max_batch: 512,
-            batch_delay: 2,
+            // 4 rather than 2: at 10,000 requests/s offered to n = 4 on two cores, batches
+            // of about 40 instead of 28 took enough CPU per request off the machine that
+            // p50 fell from 9-12 ms to 8 ms and p99 from 33-67 ms to 32-36 ms (round 14,
+            // docs/BENCHMARKS.md); closed loops and a lone client did not change.
+            batch_delay: 4,
             max_in_flight: 8,
             view_change_timeout: 2_000,
             max_view_change_timeout: 60_000,
