@@ -53,9 +53,9 @@
 //! damaged value, or one that ended up under the wrong key, is reported as
 //! [`StorageError::Corrupt`] naming the table and key, never decoded into wrong data. Below
 //! that, the database is opened with redb's integrity check, which verifies every page
-//! checksum, so a truncated or overwritten file fails to open. That check reads the whole database once per start, which the ledger file
-//! keeps small; the ledger file's batches are checked as they are read, and all of them by
-//! [`RedbStore::verify`].
+//! checksum, so a truncated or overwritten file fails to open. That check reads the whole
+//! database once per start, which the ledger file keeps small; the ledger file's batches
+//! are checked as they are read, and all of them by [`RedbStore::verify`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -742,7 +742,7 @@ impl RedbStore {
         };
         init(&db).map_err(with_context)?;
         let end = meta_u64(&db, LEDGER_KEY).map_err(with_context)?;
-        let file = Arc::new(LedgerFile::open(path, end)?);
+        let file = Arc::new(LedgerFile::open(path, end, max_unfinished_flush(path)?)?);
         let mut ledger = Appender::new(file.clone(), end);
         let last = replay_journal(&db, &mut ledger, path).map_err(with_context)?;
         let overlay = Arc::new(Mutex::new(Overlay::default()));
@@ -1114,6 +1114,21 @@ impl Storage for RedbStore {
         self.flush_journal()?;
         self.reader.recover()
     }
+}
+
+/// The most bytes one unfinished flush can have left past the ledger file's committed end.
+/// A flush writes the batches of journal entries that are still on disk (segments go only
+/// after the flush commits), each batch once, so no more than the journal holds, plus a
+/// frame header per batch, which [`HANDOFF_BYTES`] covers many times over.
+fn max_unfinished_flush(db: &Path) -> Result<u64, StorageError> {
+    let mut bytes = HANDOFF_BYTES;
+    for (_, segment) in journal::segments(db)? {
+        let len = std::fs::metadata(&segment)
+            .map_err(|e| StorageError::Io(format!("{}: {e}", segment.display())))?
+            .len();
+        bytes = bytes.saturating_add(len);
+    }
+    Ok(bytes)
 }
 
 /// Applies `ops`, in order, to redb in one transaction that also records `upto` as the last
@@ -1962,6 +1977,115 @@ mod tests {
         let db = RedbStore::open(&path).unwrap();
         db.verify().unwrap();
         assert_same_answers(&mem, &db, "reopened");
+    }
+
+    #[test]
+    fn a_crash_between_the_ledger_write_and_the_commit_loses_nothing() {
+        // The flush wrote and synced blocks 4-6 into the ledger file, and the crash came
+        // before redb committed the references: redb and the journal are as they were
+        // before that flush, the ledger file is not. Reopening cuts the unreferenced tail
+        // and replays the journal, which writes the same batches again.
+        let dir = TempDir::new().unwrap();
+        let path = dir.path().join("pbft.redb");
+        let file = ledger::path_for(&path);
+        let blocks = chain(6);
+        let mut mem = MemStore::default();
+        let ops: Vec<_> = blocks.iter().cloned().map(PersistOp::Block).collect();
+        {
+            let mut db = RedbStore::open(&path).unwrap();
+            db.persist(&ops[..3]).unwrap();
+            mem.persist(&ops[..3]).unwrap();
+            db.flush_journal().unwrap();
+        }
+        let old_redb = std::fs::read(&path).unwrap();
+        let old_end = std::fs::metadata(&file).unwrap().len();
+        let segments;
+        {
+            let mut db = RedbStore::open(&path).unwrap();
+            db.persist(&ops[3..]).unwrap();
+            mem.persist(&ops[3..]).unwrap();
+            segments = segment_files(&dir)
+                .into_iter()
+                .map(|p| {
+                    let b = std::fs::read(&p).unwrap();
+                    (p, b)
+                })
+                .collect::<Vec<_>>();
+            db.flush_journal().unwrap();
+        }
+        let full = std::fs::read(&file).unwrap();
+        assert!(
+            full.len() as u64 > old_end,
+            "the second flush wrote batches"
+        );
+        std::fs::write(&path, &old_redb).unwrap();
+        for (p, b) in segments {
+            std::fs::write(p, b).unwrap();
+        }
+        let db = RedbStore::open(&path).unwrap();
+        assert!(
+            std::fs::read(&file).unwrap() == full,
+            "the tail was cut and the replay wrote the same batches where they were"
+        );
+        db.verify().unwrap();
+        assert_same_answers(&mem, &db, "after the crash");
+        assert!(
+            !dir.path().read_dir().unwrap().any(|e| {
+                let name = e.unwrap().file_name();
+                name.to_string_lossy().contains(".tail-")
+            }),
+            "one flush's tail is not kept aside"
+        );
+    }
+
+    #[test]
+    fn a_missing_ledger_file_is_refused_and_the_database_left_alone() {
+        let dir = TempDir::new().unwrap();
+        let path = dir.path().join("pbft.redb");
+        store_with_marked_block(&path, b"marker");
+        let file = ledger::path_for(&path);
+        let kept = std::fs::read(&file).unwrap();
+        std::fs::remove_file(&file).unwrap();
+        let m = corrupt_message(RedbStore::open(&path).map(|_| ()));
+        assert!(m.contains("is missing"), "{m}");
+        assert!(
+            !file.exists(),
+            "an empty file would hide the loss at the next start"
+        );
+        // The refusal changed nothing: with its ledger back, the store reads as before.
+        std::fs::write(&file, kept).unwrap();
+        let db = RedbStore::open(&path).unwrap();
+        db.verify().unwrap();
+        assert_eq!(db.recover().unwrap().blocks.len(), 1);
+    }
+
+    #[test]
+    fn a_reference_past_the_ledger_files_end_is_damage_not_a_panic() {
+        let dir = TempDir::new().unwrap();
+        let path = dir.path().join("pbft.redb");
+        store_with_marked_block(&path, b"marker");
+        let db = RedbStore::open(&path).unwrap();
+        let end = std::fs::metadata(ledger::path_for(&path)).unwrap().len();
+        // A checksum-valid reference, as a damaged or foreign database could hold.
+        let (seq, digest) = stored_batches(&db)[0];
+        let key = Key::Batch(seq, digest);
+        for wild in [
+            Extent {
+                offset: end,
+                len: 10,
+            },
+            Extent {
+                offset: 0,
+                len: u32::MAX,
+            },
+        ] {
+            let value = frame_as(FRAME_VERSION_LEDGER, BATCHES.name, key, &wild.to_bytes());
+            let e = load_batch(&db.reader.ledger, key, &value).unwrap_err();
+            assert!(
+                matches!(&e, StorageError::Corrupt(m) if m.contains("past its end")),
+                "{e:?}"
+            );
+        }
     }
 
     #[test]

@@ -23,7 +23,12 @@
 //! are never written again. A crash between the two leaves bytes past the end that no
 //! reference names; [`LedgerFile::open`] cuts them off, and the journal replays the
 //! transaction. A file shorter than the recorded end has lost committed batches and is
-//! refused.
+//! refused. A tail longer than any one flush writes is not cut but moved aside (see
+//! [`LedgerFile::open`]): it means the database is older than the file.
+//!
+//! Bytes once written are never written again, committed or not: after a failed commit
+//! the appender moves past them instead of back. redb may report a commit as failed that
+//! did reach the disk, and its references must keep pointing at what they named.
 //!
 //! Written pages leave the page cache once they are on disk (`POSIX_FADV_DONTNEED`): the
 //! ledger is read back only to serve a lagging peer or a verification, and its pages
@@ -38,6 +43,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use pbft_core::StorageError;
 
@@ -80,14 +86,26 @@ impl Extent {
 pub(super) struct LedgerFile {
     file: File,
     path: PathBuf,
+    /// How far the file is durable and never to be written again: reads stop here.
+    readable: AtomicU64,
 }
 
 impl LedgerFile {
-    /// Opens (creating it if missing) the ledger file of `db`, whose committed part ends
-    /// at `end`, and cuts off anything past `end` (a flush that never committed).
-    pub(super) fn open(db: &Path, end: u64) -> Result<LedgerFile, StorageError> {
+    /// Opens (creating it if the database refers to nothing yet) the ledger file of `db`,
+    /// whose committed part ends at `end`, and cuts off anything past `end` (a flush that
+    /// never committed). A tail larger than `max_tail` is moved aside instead, to
+    /// `<file>.tail-<end>`: no one flush writes that much, so the database is older than
+    /// the file (restored from an earlier copy, say), and those batches may be all that is
+    /// left of them.
+    pub(super) fn open(db: &Path, end: u64, max_tail: u64) -> Result<LedgerFile, StorageError> {
         let path = path_for(db);
-        let created = !path.exists();
+        if end > 0 && !path.exists() {
+            return Err(StorageError::Corrupt(format!(
+                "{} is missing, but the database refers to {end} bytes of it: committed \
+                 batches are missing",
+                path.display()
+            )));
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -95,10 +113,10 @@ impl LedgerFile {
             .truncate(false)
             .open(&path)
             .map_err(|e| io(&path, "opening", e))?;
-        if created {
-            // The new name must survive a crash before any reference to it is committed.
-            super::journal::sync_dir(&path)?;
-        }
+        // The name must survive a crash before any reference to it is committed. Synced at
+        // every open, not only when this one created it: the process that did may have
+        // died before its sync.
+        super::journal::sync_dir(&path)?;
         let len = file
             .metadata()
             .map_err(|e| io(&path, "reading the size of", e))?
@@ -110,16 +128,44 @@ impl LedgerFile {
                 path.display()
             )));
         }
+        if len - end > max_tail {
+            let aside = set_aside(&file, &path, end, len)?;
+            tracing::warn!(
+                ledger = %path.display(),
+                kept = %aside.display(),
+                bytes = len - end,
+                "the ledger file holds more past its committed end than one flush writes; \
+                 the database is older than the file, so the tail is kept aside"
+            );
+        }
         if len > end {
             file.set_len(end)
                 .and_then(|()| file.sync_all())
                 .map_err(|e| io(&path, "cutting an unfinished flush off", e))?;
         }
-        Ok(LedgerFile { file, path })
+        Ok(LedgerFile {
+            file,
+            path,
+            readable: AtomicU64::new(end),
+        })
     }
 
     /// The bytes at `at`, exactly `at.len` of them.
     pub(super) fn read(&self, at: Extent) -> Result<Vec<u8>, StorageError> {
+        // Checked before allocating: a damaged reference must not ask for gigabytes.
+        let readable = self.readable.load(Ordering::Acquire);
+        if at
+            .offset
+            .checked_add(u64::from(at.len))
+            .is_none_or(|e| e > readable)
+        {
+            return Err(StorageError::Corrupt(format!(
+                "{}: {} bytes at offset {} lie past its end ({readable})",
+                self.path.display(),
+                at.len,
+                at.offset
+            )));
+        }
         let mut buf = vec![0; at.len as usize];
         self.file.read_exact_at(&mut buf, at.offset).map_err(|e| {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {
@@ -141,15 +187,46 @@ impl LedgerFile {
     }
 }
 
+/// Copies the file's bytes from `end` to `len` into a file of their own beside it, synced,
+/// and returns its path.
+fn set_aside(file: &File, path: &Path, end: u64, len: u64) -> Result<PathBuf, StorageError> {
+    let mut aside_name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    aside_name.push(format!(".tail-{end}"));
+    let aside = path.with_file_name(aside_name);
+    let mut out = File::create(&aside).map_err(|e| io(&aside, "creating", e))?;
+    let mut at = end;
+    let mut buf = vec![0; 1 << 20];
+    while at < len {
+        let n = usize::try_from((len - at).min(buf.len() as u64)).unwrap_or(buf.len());
+        file.read_exact_at(&mut buf[..n], at)
+            .map_err(|e| io(path, "reading the tail of", e))?;
+        std::io::Write::write_all(&mut out, &buf[..n]).map_err(|e| io(&aside, "writing", e))?;
+        at += n as u64;
+    }
+    out.sync_all().map_err(|e| io(&aside, "syncing", e))?;
+    super::journal::sync_dir(&aside)?;
+    Ok(aside)
+}
+
 /// The writing end, owned by whoever applies transactions (the replay at start-up, then
 /// the flusher): stages a transaction's batches and makes them durable before it commits.
 #[derive(Debug)]
 pub(super) struct Appender {
     file: std::sync::Arc<LedgerFile>,
-    /// The committed end: where the next transaction's batches go.
+    /// Where the next transaction's batches go: the committed end, or past bytes a failed
+    /// transaction wrote.
     end: u64,
     staged: Vec<u8>,
+    /// Whether [`Appender::write`] began writing what is staged.
+    written: bool,
 }
+
+/// The staging buffer's capacity kept between transactions. The replay at start-up can
+/// stage a whole journal (tens of MiB); the flusher's transactions are far smaller.
+const KEEP_STAGING: usize = 4 << 20;
 
 impl Appender {
     pub(super) fn new(file: std::sync::Arc<LedgerFile>, end: u64) -> Appender {
@@ -157,6 +234,7 @@ impl Appender {
             file,
             end,
             staged: Vec::new(),
+            written: false,
         }
     }
 
@@ -172,15 +250,20 @@ impl Appender {
     }
 
     /// Writes what is staged and makes it durable. Returns the end the transaction must
-    /// record; the appender moves there only at [`Appender::committed`].
+    /// record; the appender moves there at [`Appender::committed`] or
+    /// [`Appender::abandon`].
     pub(super) fn write(&mut self) -> Result<u64, StorageError> {
         let new_end = self.end + self.staged.len() as u64;
         if !self.staged.is_empty() {
+            self.written = true;
             let f = &self.file;
             f.file
                 .write_all_at(&self.staged, self.end)
                 .and_then(|()| f.file.sync_data())
                 .map_err(|e| io(&f.path, "writing", e))?;
+            // On disk and never written again: readers may look there as soon as a
+            // reference to it commits, which can be before this transaction's caller hears.
+            f.readable.fetch_max(new_end, Ordering::Release);
             drop_cached(&f.file, self.end, self.staged.len());
         }
         Ok(new_end)
@@ -189,13 +272,24 @@ impl Appender {
     /// The transaction committed: what it staged is part of the ledger now.
     pub(super) fn committed(&mut self) {
         self.end += self.staged.len() as u64;
-        self.staged.clear();
+        self.next();
     }
 
-    /// The transaction did not commit: what it staged (written or not) lies past the end
-    /// and the next transaction overwrites it.
+    /// The transaction did not commit, or its caller could not tell. What it wrote stays
+    /// as it is and the next transaction goes past it: redb can fail a commit that reached
+    /// the disk, whose references name these bytes. If it did not, they are dead space
+    /// until the next start cuts them off or the next commit records an end past them.
     pub(super) fn abandon(&mut self) {
+        if self.written {
+            self.end += self.staged.len() as u64;
+        }
+        self.next();
+    }
+
+    fn next(&mut self) {
         self.staged.clear();
+        self.staged.shrink_to(KEEP_STAGING);
+        self.written = false;
     }
 }
 
@@ -233,23 +327,57 @@ mod tests {
     }
 
     #[test]
-    fn committed_bytes_stay_and_abandoned_ones_are_overwritten() {
+    fn committed_bytes_stay_and_abandoned_ones_are_never_overwritten() {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("pbft.redb");
-        let file = Arc::new(LedgerFile::open(&db, 0).unwrap());
+        let file = Arc::new(LedgerFile::open(&db, 0, 0).unwrap());
         let mut a = Appender::new(file.clone(), 0);
         let first = a.stage(b"first").unwrap();
         assert_eq!(a.write().unwrap(), 5);
         a.committed();
-        let lost = a.stage(b"lost!!").unwrap();
+        // A commit that failed after its batches were written: redb may still have made
+        // it durable, so its bytes must keep what it referred to.
+        let maybe = a.stage(b"maybe!").unwrap();
         assert_eq!(a.write().unwrap(), 11);
         a.abandon();
-        let second = a.stage(b"second").unwrap();
-        assert_eq!(second.offset, lost.offset, "abandoned bytes are reused");
-        a.write().unwrap();
+        // One that failed before writing anything leaves no gap.
+        a.stage(b"never written").unwrap();
+        a.abandon();
+        let second = a.stage(b"2nd").unwrap();
+        assert_eq!(
+            second.offset, 11,
+            "written bytes are skipped, unwritten ones are not"
+        );
+        assert_eq!(a.write().unwrap(), 14);
         a.committed();
         assert_eq!(file.read(first).unwrap(), b"first");
-        assert_eq!(file.read(second).unwrap(), b"second");
+        assert_eq!(file.read(maybe).unwrap(), b"maybe!");
+        assert_eq!(file.read(second).unwrap(), b"2nd");
+    }
+
+    #[test]
+    fn reads_stop_at_what_is_durable_and_a_wild_extent_allocates_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("pbft.redb");
+        let file = Arc::new(LedgerFile::open(&db, 0, 0).unwrap());
+        let mut a = Appender::new(file.clone(), 0);
+        let staged = a.stage(b"staged, not yet written").unwrap();
+        assert!(matches!(file.read(staged), Err(StorageError::Corrupt(_))));
+        a.write().unwrap();
+        assert_eq!(file.read(staged).unwrap(), b"staged, not yet written");
+        for wild in [
+            Extent {
+                offset: 0,
+                len: u32::MAX,
+            },
+            Extent {
+                offset: u64::MAX - 1,
+                len: 8,
+            },
+        ] {
+            let e = file.read(wild).unwrap_err();
+            assert!(matches!(e, StorageError::Corrupt(m) if m.contains("past its end")));
+        }
     }
 
     #[test]
@@ -257,12 +385,39 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("pbft.redb");
         std::fs::write(path_for(&db), b"committed|torn tail").unwrap();
-        let file = LedgerFile::open(&db, 9).unwrap();
+        let file = LedgerFile::open(&db, 9, 100).unwrap();
         assert_eq!(std::fs::metadata(path_for(&db)).unwrap().len(), 9);
         let past = file.read(Extent { offset: 5, len: 10 }).unwrap_err();
         assert!(matches!(past, StorageError::Corrupt(m) if m.contains("past its end")));
         drop(file);
-        let short = LedgerFile::open(&db, 10).unwrap_err();
+        let short = LedgerFile::open(&db, 10, 100).unwrap_err();
         assert!(matches!(short, StorageError::Corrupt(m) if m.contains("committed batches")));
+        let aside = dir.path().read_dir().unwrap().count();
+        assert_eq!(aside, 1, "a short tail is not kept");
+    }
+
+    #[test]
+    fn a_tail_longer_than_one_flush_is_kept_aside_before_the_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("pbft.redb");
+        let tail: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let mut bytes = b"committed|".to_vec();
+        bytes.extend_from_slice(&tail);
+        std::fs::write(path_for(&db), &bytes).unwrap();
+        LedgerFile::open(&db, 10, 1000).unwrap();
+        assert_eq!(std::fs::metadata(path_for(&db)).unwrap().len(), 10);
+        let kept = dir.path().join("pbft.redb.ledger.tail-10");
+        assert_eq!(std::fs::read(kept).unwrap(), tail);
+    }
+
+    #[test]
+    fn a_missing_file_the_database_refers_to_is_refused_and_not_recreated() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("pbft.redb");
+        let e = LedgerFile::open(&db, 42, 100).unwrap_err();
+        assert!(matches!(e, StorageError::Corrupt(m) if m.contains("is missing")));
+        assert!(!path_for(&db).exists());
+        LedgerFile::open(&db, 0, 100).unwrap();
+        assert!(path_for(&db).exists(), "a new store creates it");
     }
 }
