@@ -94,9 +94,9 @@ impl LedgerFile {
     /// Opens (creating it if the database refers to nothing yet) the ledger file of `db`,
     /// whose committed part ends at `end`, and cuts off anything past `end` (a flush that
     /// never committed). A tail larger than `max_tail` is moved aside instead, to
-    /// `<file>.tail-<end>`: no one flush writes that much, so the database is older than
-    /// the file (restored from an earlier copy, say), and those batches may be all that is
-    /// left of them.
+    /// `<file>.tail-<end>-<length>`: no one flush writes that much, so the database is
+    /// older than the file (restored from an earlier copy, say), and those batches may be
+    /// all that is left of them.
     pub(super) fn open(db: &Path, end: u64, max_tail: u64) -> Result<LedgerFile, StorageError> {
         let path = path_for(db);
         if end > 0 && !path.exists() {
@@ -194,9 +194,15 @@ fn set_aside(file: &File, path: &Path, end: u64, len: u64) -> Result<PathBuf, St
         .file_name()
         .map(|n| n.to_os_string())
         .unwrap_or_default();
-    aside_name.push(format!(".tail-{end}"));
+    // Named by both ends, and never replacing a file already there: an earlier tail kept
+    // aside is not overwritten by a later one.
+    aside_name.push(format!(".tail-{end}-{len}"));
     let aside = path.with_file_name(aside_name);
-    let mut out = File::create(&aside).map_err(|e| io(&aside, "creating", e))?;
+    let mut out = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&aside)
+        .map_err(|e| io(&aside, "creating", e))?;
     let mut at = end;
     let mut buf = vec![0; 1 << 20];
     while at < len {
@@ -406,8 +412,13 @@ mod tests {
         std::fs::write(path_for(&db), &bytes).unwrap();
         LedgerFile::open(&db, 10, 1000).unwrap();
         assert_eq!(std::fs::metadata(path_for(&db)).unwrap().len(), 10);
-        let kept = dir.path().join("pbft.redb.ledger.tail-10");
-        assert_eq!(std::fs::read(kept).unwrap(), tail);
+        let kept = dir
+            .path()
+            .join(format!("pbft.redb.ledger.tail-10-{}", bytes.len()));
+        assert!(
+            std::fs::read(kept).unwrap() == tail,
+            "the tail kept aside is the tail"
+        );
     }
 
     #[test]
