@@ -1134,7 +1134,8 @@ fn max_unfinished_flush(db: &Path) -> Result<u64, StorageError> {
 /// Applies `ops`, in order, to redb in one transaction that also records `upto` as the last
 /// journal entry applied, and commits it durably; their new batches go to the ledger file
 /// first. On error nothing of `ops` is applied (the transaction is dropped, which aborts
-/// it, and the ledger's end stays where it was).
+/// it, and the ledger's recorded end stays where it was; batches already written stay as
+/// dead space, see `ledger`).
 fn apply(db: &Database, ledger: &mut Appender, ops: &[Op], upto: u64) -> Result<(), StorageError> {
     let result = apply_in_transaction(db, ledger, ops, upto);
     match result {
