@@ -203,15 +203,12 @@ fn set_aside(file: &File, path: &Path, end: u64, len: u64) -> Result<PathBuf, St
         .create_new(true)
         .open(&aside)
         .map_err(|e| io(&aside, "creating", e))?;
-    let mut at = end;
-    let mut buf = vec![0; 1 << 20];
-    while at < len {
-        let n = usize::try_from((len - at).min(buf.len() as u64)).unwrap_or(buf.len());
-        file.read_exact_at(&mut buf[..n], at)
-            .map_err(|e| io(path, "reading the tail of", e))?;
-        std::io::Write::write_all(&mut out, &buf[..n]).map_err(|e| io(&aside, "writing", e))?;
-        at += n as u64;
-    }
+    // Everything else reads and writes this file at explicit offsets, so moving its
+    // cursor here disturbs nothing.
+    let mut reader = file;
+    std::io::Seek::seek(&mut reader, std::io::SeekFrom::Start(end))
+        .and_then(|_| std::io::copy(&mut std::io::Read::take(reader, len - end), &mut out))
+        .map_err(|e| io(&aside, "copying the tail into", e))?;
     out.sync_all().map_err(|e| io(&aside, "syncing", e))?;
     super::journal::sync_dir(&aside)?;
     Ok(aside)
@@ -226,8 +223,6 @@ pub(super) struct Appender {
     /// transaction wrote.
     end: u64,
     staged: Vec<u8>,
-    /// Whether [`Appender::write`] began writing what is staged.
-    written: bool,
 }
 
 /// The staging buffer's capacity kept between transactions. The replay at start-up can
@@ -240,7 +235,6 @@ impl Appender {
             file,
             end,
             staged: Vec::new(),
-            written: false,
         }
     }
 
@@ -261,7 +255,6 @@ impl Appender {
     pub(super) fn write(&mut self) -> Result<u64, StorageError> {
         let new_end = self.end + self.staged.len() as u64;
         if !self.staged.is_empty() {
-            self.written = true;
             let f = &self.file;
             f.file
                 .write_all_at(&self.staged, self.end)
@@ -285,17 +278,16 @@ impl Appender {
     /// as it is and the next transaction goes past it: redb can fail a commit that reached
     /// the disk, whose references name these bytes. If it did not, they are dead space
     /// until the next start cuts them off or the next commit records an end past them.
+    /// (Bytes whose write failed before their sync were never referenced, and are
+    /// overwritten.)
     pub(super) fn abandon(&mut self) {
-        if self.written {
-            self.end += self.staged.len() as u64;
-        }
+        self.end = self.end.max(self.file.readable.load(Ordering::Acquire));
         self.next();
     }
 
     fn next(&mut self) {
         self.staged.clear();
         self.staged.shrink_to(KEEP_STAGING);
-        self.written = false;
     }
 }
 
