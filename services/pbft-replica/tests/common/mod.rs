@@ -291,7 +291,8 @@ impl Cluster {
         self.status(i)?.get("height")?.as_u64()
     }
 
-    /// Waits (bounded) until `cond` holds; panics with `what` and the logs otherwise.
+    /// Waits (bounded) until `cond` holds; panics with `what` otherwise (and the cluster's
+    /// drop then prints the logs).
     pub fn wait_for(
         &self,
         what: &str,
@@ -305,16 +306,8 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let logs: String = (0..N)
-            .map(|i| {
-                format!(
-                    "--- replica {i} status {:?}\n{}",
-                    self.status(i),
-                    tail(&self.log(i), 30)
-                )
-            })
-            .collect();
-        panic!("timed out after {timeout:?} waiting for {what}\n{logs}");
+        // The cluster's drop prints every replica's status and log tail.
+        panic!("timed out after {timeout:?} waiting for {what}");
     }
 
     pub fn wait_ready(&self, i: usize, timeout: Duration) -> Duration {
@@ -379,12 +372,57 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// The counters that tell why a replica is not making progress, one line each.
+    fn protocol_metrics(&self, i: usize) -> String {
+        const SHOWN: [&str; 6] = [
+            "pbft_view ",
+            "pbft_stable_checkpoint ",
+            "pbft_synced_blocks_total ",
+            "pbft_rejected_messages_total{",
+            "pbft_dropped_messages_total{",
+            "pbft_client_requests_total{",
+        ];
+        let Some((_, body)) = self.http_get(i, "/metrics") else {
+            return "(no metrics)".to_string();
+        };
+        body.lines()
+            .filter(|l| SHOWN.iter().any(|p| l.starts_with(p)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
+        // A test that failed anywhere shows each replica's status and last log lines,
+        // taken before the kill: a failure seen once in CI must explain itself.
+        if std::thread::panicking() {
+            for i in 0..N {
+                eprintln!(
+                    "--- replica {i} status {:?}\n{}\n{}",
+                    self.status(i),
+                    self.protocol_metrics(i),
+                    log_summary(&self.log(i), 40)
+                );
+            }
+        }
         for i in 0..N {
             self.kill(i);
         }
     }
+}
+
+/// The last `lines` lines of a replica's log, leaving out the routine line a catching-up
+/// replica writes for every sync (counted instead), which would hide why it had to.
+fn log_summary(log: &str, lines: usize) -> String {
+    const ROUTINE: &str = "state sync started";
+    let routine = log.lines().filter(|l| l.contains(ROUTINE)).count();
+    let rest: Vec<&str> = log.lines().filter(|l| !l.contains(ROUTINE)).collect();
+    format!(
+        "({routine} '{ROUTINE}' lines left out)\n{}",
+        rest[rest.len().saturating_sub(lines)..].join("\n")
+    )
 }
 
 pub fn tail(s: &str, lines: usize) -> String {
