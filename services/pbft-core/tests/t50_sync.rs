@@ -536,3 +536,68 @@ fn one_status_announcement_ahead_is_not_enough_to_sync_f_plus_1_are() {
     let out = deliver(&mut b, 1, forged);
     assert_eq!(out, rejected(RejectReason::BadSignature));
 }
+
+/// While a replica syncs, its view-change timers measure its own lag, not the primary: the
+/// request it waits for may be in a block it has not fetched yet. A timer that ran out then
+/// put a restarted replica alone into a view change the others never joined (found by the
+/// multi-process test `shared_connections_serve_many_clients`). The timer restarts when the
+/// sync ends, and runs out a full timeout later if the request is still not executed.
+#[test]
+fn a_syncing_replica_does_not_blame_the_primary_for_its_own_lag() {
+    let (c, mut b) = syncing_replica(4);
+    let timeout = config().view_change_timeout;
+    // A client's request, not yet ordered anywhere.
+    submit(&mut b, put_req(8, 1));
+    // The sync peers are slow: three timeouts go by, the peer changing at each sync timeout.
+    let out = tick(&mut b, 3 * timeout);
+    assert_no_view_change(&out, "while syncing");
+    assert!(
+        out.messages
+            .iter()
+            .any(|m| matches!(m.msg, Message::SyncRequest(_))),
+        "the sync goes on"
+    );
+    // The waiting request still goes to the primary, in case it lacks it.
+    assert!(
+        out.messages
+            .iter()
+            .any(|m| *m == to(0, Message::Request(put_req(8, 1)))),
+        "forwarded to the primary: {:?}",
+        out.messages
+    );
+    let s = b.status();
+    assert_eq!((s.view, s.view_change_in_progress), (0, false));
+
+    // The sync ends (the last peer asked answers with the blocks, then with none).
+    let peer = match out
+        .messages
+        .iter()
+        .rev()
+        .find_map(|m| match (&m.to, &m.msg) {
+            (pbft_core::Target::Replica(p), Message::SyncRequest(_)) => Some(p.0),
+            _ => None,
+        }) {
+        Some(p) => p,
+        None => panic!("no sync request in {:?}", out.messages),
+    };
+    deliver(&mut b, peer, response(blocks(&c, 1, 4)));
+    deliver(&mut b, peer, response(Vec::new()));
+    assert_eq!(b.status().sync_target, None);
+    // Level now, the timer starts over: a full timeout, then the primary is suspected.
+    let out = tick(&mut b, timeout - 1);
+    assert_no_view_change(&out, "before a full timeout after the sync");
+    let out = tick(&mut b, 1);
+    assert!(
+        out.events.contains(&Event::ViewChangeStarted { view: 1 }),
+        "{:?}",
+        out.events
+    );
+}
+
+fn assert_no_view_change(out: &Output, when: &str) {
+    let started = out
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::ViewChangeStarted { .. }));
+    assert!(!started, "a view change {when}: {:?}", out.events);
+}

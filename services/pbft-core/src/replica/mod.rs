@@ -352,7 +352,13 @@ impl Replica {
                 }
             }
         } else if let Some(&(since, _)) = self.timers.first() {
-            if self.now.saturating_sub(since) >= self.vc_timeout {
+            // While syncing, the timers do not run out. f+1 replicas claim blocks we have
+            // not executed, and the requests we wait for may be among them: the timers
+            // measure our own lag, not the primary. One that ran out here put a restarted
+            // replica alone into a view change the others never joined, and so out of the
+            // protocol until their next one. They restart when the sync ends; a faulty
+            // primary is still voted out meanwhile, as we join once f+1 others ask.
+            if self.sync.is_none() && self.now.saturating_sub(since) >= self.vc_timeout {
                 self.start_view_change(self.view + 1);
             } else {
                 self.forward_overdue();

@@ -200,8 +200,10 @@ impl Replica {
         }
         let target = self.sync.as_ref().map_or(0, |s| s.target);
         if self.last_executed >= target && self.last_executed == before {
-            // Reached the target and the peer has nothing more: caught up with it.
+            // Reached the target and the peer has nothing more: caught up with it. The
+            // requests still waiting get a full timeout from here (see `on_tick`).
             self.sync = None;
+            self.restart_timers();
             self.try_execute();
         } else if self.last_executed > before {
             // Progress: keep asking the same peer, past the target up to its head, so an
