@@ -21,6 +21,15 @@ fn syncing_replica(count: u64) -> (Cluster, Replica) {
 
 /// [`syncing_replica`], with replica 3 replaced by a fresh one running `cfg` if given.
 fn syncing_replica_with(count: u64, cfg: Option<Config>) -> (Cluster, Replica) {
+    syncing_replica_after(count, cfg, |_| {})
+}
+
+/// [`syncing_replica_with`], where `before` acts on replica 3 before it hears the votes.
+fn syncing_replica_after(
+    count: u64,
+    cfg: Option<Config>,
+    before: impl FnOnce(&mut Replica),
+) -> (Cluster, Replica) {
     let mut c = Cluster::new();
     c.isolate(3);
     for client in 1..=count {
@@ -36,6 +45,7 @@ fn syncing_replica_with(count: u64, cfg: Option<Config>) -> (Cluster, Replica) {
     if let Some(cfg) = cfg {
         lagging = replica_with(cfg, 3);
     }
+    before(&mut lagging);
     let mut last = Output::default();
     for (by, m) in votes {
         last = deliver(&mut lagging, by.0, m);
@@ -537,11 +547,12 @@ fn one_status_announcement_ahead_is_not_enough_to_sync_f_plus_1_are() {
     assert_eq!(out, rejected(RejectReason::BadSignature));
 }
 
-/// While a replica syncs, its view-change timers measure its own lag, not the primary: the
-/// request it waits for may be in a block it has not fetched yet. A timer that ran out then
-/// put a restarted replica alone into a view change the others never joined (found by the
-/// multi-process test `shared_connections_serve_many_clients`). The timer restarts when the
-/// sync ends, and runs out a full timeout later if the request is still not executed.
+/// While a replica syncs, its view-change timers would measure its own lag, not the
+/// primary: the request it waits for may be in a block it has not fetched yet. A timer that
+/// ran out then put a restarted replica alone into a view change the others never joined
+/// (found by the multi-process test `shared_connections_serve_many_clients`). A timer
+/// started during the sync runs a full timeout from its end, if the request is still not
+/// executed.
 #[test]
 fn a_syncing_replica_does_not_blame_the_primary_for_its_own_lag() {
     let (c, mut b) = syncing_replica(4);
@@ -569,29 +580,19 @@ fn a_syncing_replica_does_not_blame_the_primary_for_its_own_lag() {
     assert_eq!((s.view, s.view_change_in_progress), (0, false));
 
     // The sync ends (the last peer asked answers with the blocks, then with none).
-    let peer = match out
-        .messages
-        .iter()
-        .rev()
-        .find_map(|m| match (&m.to, &m.msg) {
-            (pbft_core::Target::Replica(p), Message::SyncRequest(_)) => Some(p.0),
-            _ => None,
-        }) {
-        Some(p) => p,
-        None => panic!("no sync request in {:?}", out.messages),
-    };
+    let peer = last_sync_peer(&out);
     deliver(&mut b, peer, response(blocks(&c, 1, 4)));
     deliver(&mut b, peer, response(Vec::new()));
     assert_eq!(b.status().sync_target, None);
-    // Level now, the timer starts over: a full timeout, then the primary is suspected.
+    // Level now: the timer, started during the sync, runs a full timeout from its end.
     let out = tick(&mut b, timeout - 1);
     assert_no_view_change(&out, "before a full timeout after the sync");
-    let out = tick(&mut b, 1);
-    assert!(
-        out.events.contains(&Event::ViewChangeStarted { view: 1 }),
-        "{:?}",
-        out.events
-    );
+    assert_view_change(&tick(&mut b, 1));
+}
+
+fn assert_view_change(out: &Output) {
+    let started = Event::ViewChangeStarted { view: 1 };
+    assert!(out.events.contains(&started), "{:?}", out.events);
 }
 
 fn assert_no_view_change(out: &Output, when: &str) {
@@ -600,4 +601,42 @@ fn assert_no_view_change(out: &Output, when: &str) {
         .iter()
         .any(|e| matches!(e, Event::ViewChangeStarted { .. }));
     assert!(!started, "a view change {when}: {:?}", out.events);
+}
+
+/// The timers stand still during a sync rather than restart after it: one started before
+/// the sync runs out after the rest of its timeout. Restarting them instead would let a
+/// primary that makes a backup sync briefly at every checkpoint keep its timers from ever
+/// running out.
+#[test]
+fn a_sync_pauses_the_timers_it_does_not_restart_them() {
+    let timeout = config().view_change_timeout;
+    let (c, mut b) = syncing_replica_after(4, None, |b| {
+        submit(b, put_req(8, 1));
+        tick(b, timeout / 2);
+    });
+    let out = tick(&mut b, timeout);
+    assert_no_view_change(&out, "while syncing");
+    let peer = last_sync_peer(&out);
+    deliver(&mut b, peer, response(blocks(&c, 1, 4)));
+    deliver(&mut b, peer, response(Vec::new()));
+    assert_eq!(b.status().sync_target, None);
+    let out = tick(&mut b, timeout - timeout / 2 - 1);
+    assert_no_view_change(&out, "before the timeout's rest after the sync");
+    assert_view_change(&tick(&mut b, 1));
+}
+
+/// The peer the last sync request in `out` went to.
+fn last_sync_peer(out: &Output) -> u32 {
+    let peer = out
+        .messages
+        .iter()
+        .rev()
+        .find_map(|m| match (&m.to, &m.msg) {
+            (pbft_core::Target::Replica(p), Message::SyncRequest(_)) => Some(p.0),
+            _ => None,
+        });
+    match peer {
+        Some(p) => p,
+        None => panic!("no sync request in {:?}", out.messages),
+    }
 }

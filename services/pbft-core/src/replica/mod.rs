@@ -352,12 +352,13 @@ impl Replica {
                 }
             }
         } else if let Some(&(since, _)) = self.timers.first() {
-            // While syncing, the timers do not run out. f+1 replicas claim blocks we have
-            // not executed, and the requests we wait for may be among them: the timers
+            // While syncing, the timers stand still. f+1 replicas claim blocks we have not
+            // executed, and the requests we wait for may be among them: the timers would
             // measure our own lag, not the primary. One that ran out here put a restarted
             // replica alone into a view change the others never joined, and so out of the
-            // protocol until their next one. They restart when the sync ends; a faulty
-            // primary is still voted out meanwhile, as we join once f+1 others ask.
+            // protocol until their next one. They resume when the sync ends, less its
+            // time (`pause_timers`); a faulty primary is still voted out meanwhile, as we
+            // join once f+1 others ask.
             if self.sync.is_none() && self.now.saturating_sub(since) >= self.vc_timeout {
                 self.start_view_change(self.view + 1);
             } else {

@@ -10,7 +10,7 @@ use crate::output::{Event, Source};
 use crate::reject::RejectReason;
 use crate::request::{Batch, Request};
 use crate::storage::PersistOp;
-use crate::types::{ClientId, Digest, Seq, View};
+use crate::types::{ClientId, Digest, Seq, Tick, View};
 
 impl Replica {
     /// A client request, straight from the client or forwarded by a backup.
@@ -169,6 +169,21 @@ impl Replica {
                 self.timers.remove(&(w.since, req.client));
                 self.waiting.remove(&req.client);
             }
+        }
+    }
+
+    /// Takes the time since `from` off every waiting request's timer: a timer started
+    /// before `from` resumes where it stood then, one started since gets a full timeout
+    /// from now. For a sync that just ended: while it ran, the timers measured this
+    /// replica's lag, not the primary. Pausing rather than restarting them keeps a primary
+    /// that makes a backup sync briefly at every checkpoint from resetting its timers
+    /// for ever.
+    pub(super) fn pause_timers(&mut self, from: Tick) {
+        self.timers.clear();
+        let now = self.now;
+        for (c, w) in self.waiting.iter_mut() {
+            w.since += now.saturating_sub(w.since.max(from));
+            self.timers.insert((w.since, *c));
         }
     }
 

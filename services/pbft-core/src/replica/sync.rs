@@ -21,6 +21,8 @@ pub(crate) struct SyncState {
     pub asked_at: Tick,
     /// Peers that failed us during this sync; skipped until all have.
     pub failed: BTreeSet<ReplicaId>,
+    /// When it began: the request timers do not count the time since (see `on_tick`).
+    pub since: Tick,
 }
 
 impl Replica {
@@ -41,6 +43,7 @@ impl Replica {
             peer,
             asked_at: self.now,
             failed: BTreeSet::new(),
+            since: self.now,
         });
         self.event(Event::SyncStarted {
             from: self.last_executed + 1,
@@ -201,9 +204,10 @@ impl Replica {
         let target = self.sync.as_ref().map_or(0, |s| s.target);
         if self.last_executed >= target && self.last_executed == before {
             // Reached the target and the peer has nothing more: caught up with it. The
-            // requests still waiting get a full timeout from here (see `on_tick`).
-            self.sync = None;
-            self.restart_timers();
+            // request timers resume, less the time the sync took (see `on_tick`).
+            if let Some(s) = self.sync.take() {
+                self.pause_timers(s.since);
+            }
             self.try_execute();
         } else if self.last_executed > before {
             // Progress: keep asking the same peer, past the target up to its head, so an
