@@ -146,7 +146,7 @@ impl DockerCluster {
              ready_max_lag: 8\n\
              statefulset:\n  name: pbft\n  headless_service: pbft-headless\n  namespace: default\n  \
              cluster_domain: cluster.local\n  port: 7000\n\
-             protocol:\n  view_change_timeout_ms: 1000\n  status_interval_ms: 1000\n\
+             protocol:\n  view_change_timeout_ms: 1000\n  status_interval_ms: 250\n\
              replicas:\n",
         );
         for i in 0..N {

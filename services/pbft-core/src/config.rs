@@ -39,7 +39,10 @@ pub struct Config {
     pub retransmit_interval: Tick,
     /// Ticks between status announcements: each replica re-broadcasts its latest checkpoint
     /// vote, so a replica that missed everything (restarted, partitioned) while the cluster
-    /// sits idle still learns it is behind and syncs.
+    /// sits idle still learns it is behind and syncs. Keep it well under
+    /// `view_change_timeout`: a backup that missed the last few blocks before the cluster
+    /// went idle learns of them only from an announcement, and its timers for the requests
+    /// in them must not run out first (it would go alone into a view change).
     pub status_interval: Tick,
     /// Most blocks asked for in one sync request; bounds the memory sync uses.
     pub sync_chunk: u32,
@@ -87,7 +90,8 @@ impl Default for Config {
             vouch_timeout: 50,
             check_every_batch: false,
             retransmit_interval: 500,
-            status_interval: 2_000,
+            // A quarter of the view-change timeout (see the field).
+            status_interval: 500,
             sync_chunk: 256,
             sync_timeout: 2_000,
             max_request_bytes: 1 << 20,
