@@ -363,6 +363,21 @@ impl Config {
         Ok(())
     }
 
+    /// Settings that work but are unwise, for the replica to warn about when it starts.
+    pub fn warnings(&self) -> Vec<String> {
+        let p = &self.protocol;
+        let mut warnings = Vec::new();
+        if p.status_interval_ms.saturating_mul(2) > p.view_change_timeout_ms {
+            warnings.push(format!(
+                "protocol.status_interval_ms ({}) is more than half of view_change_timeout_ms \
+                 ({}): a backup that missed the last blocks before the cluster went idle may \
+                 suspect the primary, alone, before an announcement tells it it is only behind",
+                p.status_interval_ms, p.view_change_timeout_ms
+            ));
+        }
+        warnings
+    }
+
     /// The key file of replica `id`, with `{id}` expanded.
     pub fn key_file_for(&self, id: u32) -> PathBuf {
         let path = self.key_file.to_string_lossy();
@@ -459,6 +474,19 @@ mod tests {
         assert!(err.contains("tls needs transport: grpc"), "{err}");
         c.transport = TransportKind::Grpc;
         c.validate(0).unwrap();
+    }
+
+    #[test]
+    fn a_slow_status_interval_is_warned_about() {
+        let mut c = Config::default();
+        assert_eq!(c.warnings(), Vec::<String>::new(), "the defaults are sound");
+        c.protocol.status_interval_ms = 2_000;
+        let warnings = c.warnings();
+        assert_eq!(warnings.len(), 1);
+        assert!(
+            warnings[0].contains("status_interval_ms (2000)"),
+            "{warnings:?}"
+        );
     }
 
     #[test]

@@ -197,6 +197,9 @@ pub async fn run(
         return run_unreplicated(cfg, shutdown).await;
     }
     cfg.validate(id)?;
+    for warning in cfg.warnings() {
+        warn!("{warning}");
+    }
     let core_cfg = cfg.core_config()?;
     let me = ReplicaId(id);
     // One key, read once: the protocol signs with it, and so does the TCP handshake.
