@@ -324,12 +324,17 @@ mod tests {
         assert_eq!(Extent::from_bytes(&e.to_bytes()[..11]), None);
     }
 
+    /// A new, empty ledger file in a directory of its own, and its appender.
+    fn empty_ledger() -> (tempfile::TempDir, Arc<LedgerFile>, Appender) {
+        let dir = tempfile::tempdir().unwrap();
+        let file = Arc::new(LedgerFile::open(&dir.path().join("pbft.redb"), 0, 0).unwrap());
+        let appender = Appender::new(file.clone(), 0);
+        (dir, file, appender)
+    }
+
     #[test]
     fn committed_bytes_stay_and_abandoned_ones_are_never_overwritten() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("pbft.redb");
-        let file = Arc::new(LedgerFile::open(&db, 0, 0).unwrap());
-        let mut a = Appender::new(file.clone(), 0);
+        let (_dir, file, mut a) = empty_ledger();
         let first = a.stage(b"first").unwrap();
         assert_eq!(a.write().unwrap(), 5);
         a.committed();
@@ -355,10 +360,7 @@ mod tests {
 
     #[test]
     fn reads_stop_at_what_is_durable_and_a_wild_extent_allocates_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("pbft.redb");
-        let file = Arc::new(LedgerFile::open(&db, 0, 0).unwrap());
-        let mut a = Appender::new(file.clone(), 0);
+        let (_dir, file, mut a) = empty_ledger();
         let staged = a.stage(b"staged, not yet written").unwrap();
         assert!(matches!(file.read(staged), Err(StorageError::Corrupt(_))));
         a.write().unwrap();
