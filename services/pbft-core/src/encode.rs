@@ -27,6 +27,7 @@ pub(crate) mod tag {
     pub const STATE_BUCKETS: u8 = 14;
     pub const STATE_BUCKET: u8 = 15;
     pub const PREPARE_UNVOUCHED: u8 = 16;
+    pub const REQUEST_DIGEST: u8 = 17;
 }
 
 /// Appends fixed-width big-endian integers and length-prefixed byte strings.
