@@ -159,7 +159,17 @@ const LINK_QUEUE: usize = 4096;
 const REQUEST_BATCH_BYTES: usize = 256 * 1024;
 
 /// Where the replies for each client of one [`Connections`] go.
-type Inboxes = Arc<Mutex<HashMap<u64, mpsc::UnboundedSender<Answer>>>>;
+type Inboxes = Arc<Mutex<HashMap<u64, Inbox>>>;
+
+/// One client's entry in the shared inboxes.
+struct Inbox {
+    tx: mpsc::UnboundedSender<Answer>,
+    /// The timestamp of the client's last completed request. Replies and rejections for it
+    /// or an earlier one are dropped where they arrive: every replica answers, the client
+    /// completes on the first f + 1 matching replies, and handing it the rest woke its task
+    /// for nothing, about two wake-ups per request under load.
+    completed: Arc<AtomicU64>,
+}
 
 /// The clients of one [`Connections`] share one `SubmitBatches` stream per replica: the
 /// requests any of them has queued go out together, and the replica packs the replies it
@@ -260,7 +270,9 @@ impl Mux {
                 }
             };
             for inbox in lock(&inboxes).values() {
-                let _ = inbox.send(Answer::Failed(replica, generation, status.clone()));
+                let _ = inbox
+                    .tx
+                    .send(Answer::Failed(replica, generation, status.clone()));
             }
         });
         Link { tx, generation }
@@ -292,16 +304,22 @@ fn request_batches(
 }
 
 /// Hands each reply and rejection in `batch` to its client's inbox.
+/// Late answers, for a request their client has completed, are dropped here.
 fn dispatch(inboxes: &Inboxes, replica: u32, batch: pb::ReplyBatch) {
     let inboxes = lock(inboxes);
+    let open = |client: u64, timestamp: u64| {
+        inboxes
+            .get(&client)
+            .filter(|inbox| timestamp > inbox.completed.load(Ordering::Relaxed))
+    };
     for reply in batch.replies {
-        if let Some(inbox) = inboxes.get(&reply.client_id) {
-            let _ = inbox.send(Answer::Reply(replica, reply));
+        if let Some(inbox) = open(reply.client_id, reply.timestamp) {
+            let _ = inbox.tx.send(Answer::Reply(replica, reply));
         }
     }
     for rejection in batch.rejections {
-        if let Some(inbox) = inboxes.get(&rejection.client_id) {
-            let _ = inbox.send(Answer::Rejected(replica, rejection));
+        if let Some(inbox) = open(rejection.client_id, rejection.timestamp) {
+            let _ = inbox.tx.send(Answer::Rejected(replica, rejection));
         }
     }
 }
@@ -317,6 +335,8 @@ pub struct Client {
     retry_after: Duration,
     /// Our entry in the shared inboxes, to remove on drop.
     inbox_tx: mpsc::UnboundedSender<Answer>,
+    /// Shared with our entry: the timestamp of our last completed request.
+    completed: Arc<AtomicU64>,
     /// Held for the whole of a request.
     session: tokio::sync::Mutex<Session>,
 }
@@ -363,7 +383,7 @@ impl Drop for Client {
         let mut inboxes = lock(&self.mux.inboxes);
         if inboxes
             .get(&self.id)
-            .is_some_and(|tx| tx.same_channel(&self.inbox_tx))
+            .is_some_and(|inbox| inbox.tx.same_channel(&self.inbox_tx))
         {
             inboxes.remove(&self.id);
         }
@@ -392,7 +412,14 @@ impl Client {
             now_ns(),
         );
         let (inbox_tx, inbox) = mpsc::unbounded_channel();
-        lock(&mux.inboxes).insert(opts.client_id, inbox_tx.clone());
+        let completed = Arc::new(AtomicU64::new(0));
+        lock(&mux.inboxes).insert(
+            opts.client_id,
+            Inbox {
+                tx: inbox_tx.clone(),
+                completed: completed.clone(),
+            },
+        );
         Client {
             id: opts.client_id,
             core: Mutex::new(core),
@@ -400,6 +427,7 @@ impl Client {
             timeout: opts.timeout,
             retry_after: opts.retry_after,
             inbox_tx,
+            completed,
             session: tokio::sync::Mutex::new(Session {
                 known: vec![0; n],
                 requests: 0,
@@ -524,6 +552,7 @@ impl Client {
                     Ok(reply) => {
                         let mut core = self.core.lock().unwrap_or_else(|e| e.into_inner());
                         if let Some(done) = core.on_reply(ReplicaId(replica), reply) {
+                            self.completed.store(done.timestamp, Ordering::Relaxed);
                             return Ok(done.result);
                         }
                     }
@@ -634,5 +663,61 @@ impl Client {
             OpResult::CasMismatch(cur) => Ok(Err(cur)),
             other => Err(ClientError::Unexpected(other)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(client: u64, timestamp: u64) -> pb::Reply {
+        pb::Reply {
+            client_id: client,
+            timestamp,
+            ..Default::default()
+        }
+    }
+
+    fn rejection(client: u64, timestamp: u64) -> pb::Rejection {
+        pb::Rejection {
+            client_id: client,
+            timestamp,
+            ..Default::default()
+        }
+    }
+
+    /// Answers reach their client's inbox until the client completes that request; later
+    /// ones for it, or for an earlier one, never wake the client.
+    #[test]
+    fn answers_for_completed_requests_are_dropped_where_they_arrive() {
+        let inboxes: Inboxes = Arc::default();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let completed = Arc::new(AtomicU64::new(0));
+        lock(&inboxes).insert(
+            7,
+            Inbox {
+                tx,
+                completed: completed.clone(),
+            },
+        );
+        let batch = |replies, rejections| pb::ReplyBatch {
+            replies,
+            rejections,
+        };
+        dispatch(&inboxes, 1, batch(vec![reply(7, 5), reply(8, 5)], vec![]));
+        assert!(matches!(rx.try_recv(), Ok(Answer::Reply(1, r)) if r.timestamp == 5));
+        assert!(rx.try_recv().is_err(), "client 8 has no inbox here");
+
+        completed.store(5, Ordering::Relaxed);
+        dispatch(
+            &inboxes,
+            2,
+            batch(vec![reply(7, 5), reply(7, 4)], vec![rejection(7, 5)]),
+        );
+        assert!(rx.try_recv().is_err(), "answers for request 5 or before");
+
+        dispatch(&inboxes, 3, batch(vec![reply(7, 6)], vec![rejection(7, 6)]));
+        assert!(matches!(rx.try_recv(), Ok(Answer::Reply(3, r)) if r.timestamp == 6));
+        assert!(matches!(rx.try_recv(), Ok(Answer::Rejected(3, r)) if r.timestamp == 6));
     }
 }

@@ -194,15 +194,16 @@ impl Snapshot {
 
     /// Sets `key` to `value`; returns whether it had a value before.
     pub fn insert(&mut self, key: &[u8], value: &[u8]) -> bool {
-        let replaced = self
-            .bucket_mut(key)
-            .entries
-            .insert(Shared::from(key), Shared::from(value))
-            .is_some();
-        if !replaced {
-            self.len += 1;
+        let entries = &mut self.bucket_mut(key).entries;
+        // Overwriting is the common case: replace the value in place rather than allocate
+        // a copy of the key that the map would drop.
+        if let Some(old) = entries.get_mut(key) {
+            *old = Shared::from(value);
+            return true;
         }
-        replaced
+        entries.insert(Shared::from(key), Shared::from(value));
+        self.len += 1;
+        false
     }
 
     /// Removes `key`; returns whether it had a value.
