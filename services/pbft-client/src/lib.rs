@@ -303,8 +303,8 @@ fn request_batches(
     })
 }
 
-/// Hands each reply and rejection in `batch` to its client's inbox.
-/// Late answers, for a request their client has completed, are dropped here.
+/// Hands each reply and rejection in `batch` to its client's inbox, except late ones: those
+/// for a request their client has already completed are dropped here.
 fn dispatch(inboxes: &Inboxes, replica: u32, batch: pb::ReplyBatch) {
     let inboxes = lock(inboxes);
     let open = |client: u64, timestamp: u64| {
