@@ -92,6 +92,35 @@ fn wait_status_ok(data: &Path) {
     }
 }
 
+/// Every row of `pbft status`'s table has a cell starting exactly where each header word
+/// starts (a number printed through `serde_json::Value` once ignored the widths and shifted
+/// the view and primary columns), and live rows hold a view number and a primary `rN`.
+fn assert_columns_line_up(table: &str) {
+    let mut lines = table.lines();
+    let header = lines.next().expect("header line");
+    let starts: Vec<usize> = header
+        .char_indices()
+        .filter(|&(i, c)| c != ' ' && (i == 0 || header.as_bytes()[i - 1] == b' '))
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(starts.len(), 8, "{table}");
+    let mut rows = 0;
+    for line in lines {
+        rows += 1;
+        let b = line.as_bytes();
+        for &at in &starts {
+            let starts_here = at < b.len() && b[at] != b' ' && (at == 0 || b[at - 1] == b' ');
+            assert!(starts_here, "no cell starts at column {at}:\n{table}");
+        }
+        let cells: Vec<&str> = line.split_whitespace().collect();
+        if cells.last() == Some(&"up") {
+            assert!(cells[1].parse::<u64>().is_ok(), "view: {line}");
+            assert!(cells[2].starts_with('r'), "primary: {line}");
+        }
+    }
+    assert_eq!(rows, 4, "{table}");
+}
+
 fn stop(up: &mut Up) {
     let _ = Command::new("kill")
         .arg("-TERM")
@@ -164,6 +193,7 @@ fn up_commands_exit_codes_and_resume() {
     let o = run(&data, &["status"]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("down"), "{}", text(&o));
+    assert_columns_line_up(&String::from_utf8_lossy(&o.stdout));
 
     // A short benchmark, replicated and unreplicated, with its JSON report.
     let report = dir.path().join("bench.json");

@@ -11,7 +11,7 @@ use pbft_core::{Block, Digest, Ed25519Signer, KeyRing, PublicKey, max_faulty};
 use serde_json::json;
 
 use super::cluster::{ClusterFile, parse_hex32, random_secret, to_hex};
-use super::{OutputFormat, exit, http};
+use super::{OutputFormat, exit, http, table};
 use crate::{Client, ClientError, ClientOptions};
 
 /// A command's printable outcome and exit code.
@@ -144,41 +144,51 @@ pub fn status(dir: &Path, out: OutputFormat) -> Result<Outcome> {
         .iter()
         .map(|r| http::status(r.http).unwrap_or_else(|| json!({"id": r.id, "down": true})))
         .collect();
-    let mut table =
-        String::from("replica  view  primary  height    stable    lag   peers  state\n");
     let top = rows
         .iter()
         .filter_map(|s| s["height"].as_u64())
         .max()
         .unwrap_or(0);
-    for (r, s) in c.replicas.iter().zip(&rows) {
-        if s["down"] == true {
-            table.push_str(&format!(
-                "r{:<7} -     -        -         -         -     -      down ({})\n",
-                r.id, r.http
-            ));
-            continue;
-        }
-        let h = s["height"].as_u64().unwrap_or(0);
-        let peers = s["peers"]
-            .as_array()
-            .map_or(0, |a| a.iter().filter(|p| p["connected"] == true).count());
-        table.push_str(&format!(
-            "r{:<7} {:<5} r{:<7} {:<9} {:<9} {:<5} {:<6} {}\n",
-            r.id,
-            s["view"],
-            s["primary"],
-            h,
-            s["stable_checkpoint"],
-            top.saturating_sub(h),
-            peers,
-            if s["view_change_in_progress"] == true {
+    let cells: Vec<Vec<String>> = c
+        .replicas
+        .iter()
+        .zip(&rows)
+        .map(|(r, s)| {
+            if s["down"] == true {
+                let mut row = vec![format!("r{}", r.id)];
+                row.extend(std::iter::repeat_n("-".to_string(), 6));
+                row.extend(["down".into(), format!("({} does not answer)", r.http)]);
+                return row;
+            }
+            let lag = s["height"]
+                .as_u64()
+                .map_or_else(|| "-".into(), |h| top.saturating_sub(h).to_string());
+            let peers = s["peers"]
+                .as_array()
+                .map_or(0, |a| a.iter().filter(|p| p["connected"] == true).count());
+            let state = if s["view_change_in_progress"] == true {
                 "view change"
             } else {
                 "up"
-            }
-        ));
-    }
+            };
+            vec![
+                format!("r{}", r.id),
+                table::number(&s["view"]),
+                table::replica(&s["primary"]),
+                table::number(&s["height"]),
+                table::number(&s["stable_checkpoint"]),
+                lag,
+                peers.to_string(),
+                state.into(),
+            ]
+        })
+        .collect();
+    let table = table::render(
+        &[
+            "replica", "view", "primary", "height", "stable", "lag", "peers", "state",
+        ],
+        &cells,
+    );
     let down = rows.iter().filter(|s| s["down"] == true).count();
     show(out, json!({"replicas": rows}), table);
     let f = max_faulty(c.replicas.len());

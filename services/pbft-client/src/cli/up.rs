@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use super::cluster::ClusterFile;
-use super::http;
+use super::{http, table};
 use crate::{Client, ClientOptions};
 
 /// Options of `pbft up`.
@@ -265,15 +265,18 @@ pub async fn up(args: UpArgs) -> Result<()> {
             ));
         }
         last_ok = done;
-        out.push_str("replica  pid      state   view  primary  height    commits/s  lag  peers\n");
+        let mut rows = Vec::with_capacity(cluster.replicas.len());
         for (i, (r, s)) in cluster.replicas.iter().zip(&statuses).enumerate() {
             let p = &procs[i];
             let pid = p.child.as_ref().map_or("-".into(), |c| c.id().to_string());
+            let mut row = vec![format!("r{}", r.id), pid];
             match s {
                 Some(s) => {
-                    let h = s["height"].as_u64().unwrap_or(0);
-                    let rate = last_heights[i].map_or(0, |l| h.saturating_sub(l));
-                    last_heights[i] = Some(h);
+                    let h = s["height"].as_u64();
+                    let rate = h
+                        .zip(last_heights[i])
+                        .map_or(0, |(h, l)| h.saturating_sub(l));
+                    last_heights[i] = h;
                     let peers = s["peers"]
                         .as_array()
                         .map_or(0, |a| a.iter().filter(|p| p["connected"] == true).count());
@@ -282,30 +285,48 @@ pub async fn up(args: UpArgs) -> Result<()> {
                     } else {
                         "up"
                     };
-                    out.push_str(&format!(
-                        "r{:<7} {:<8} {:<7} {:<5} r{:<7} {:<9} {:<10} {:<4} {}/{}\n",
-                        r.id,
-                        pid,
-                        state,
-                        s["view"],
-                        s["primary"],
-                        h,
-                        rate,
-                        top.saturating_sub(h),
-                        peers,
-                        cluster.replicas.len() - 1
-                    ));
+                    row.extend([
+                        state.to_string(),
+                        table::number(&s["view"]),
+                        table::replica(&s["primary"]),
+                        table::number(&s["height"]),
+                        rate.to_string(),
+                        h.map_or_else(|| "-".into(), |h| top.saturating_sub(h).to_string()),
+                        format!("{peers}/{}", cluster.replicas.len() - 1),
+                    ]);
                 }
                 None => {
                     last_heights[i] = None;
-                    let state = match &p.exit {
-                        Some(e) => format!("down ({e})"),
-                        None => "unreachable".into(),
-                    };
-                    out.push_str(&format!("r{:<7} {:<8} {state}\n", r.id, pid));
+                    row.push(
+                        if p.exit.is_some() {
+                            "down"
+                        } else {
+                            "unreachable"
+                        }
+                        .into(),
+                    );
+                    row.extend(std::iter::repeat_n("-".to_string(), 6));
+                    if let Some(e) = &p.exit {
+                        row.push(format!("({e})"));
+                    }
                 }
             }
+            rows.push(row);
         }
+        out.push_str(&table::render(
+            &[
+                "replica",
+                "pid",
+                "state",
+                "view",
+                "primary",
+                "height",
+                "commits/s",
+                "lag",
+                "peers",
+            ],
+            &rows,
+        ));
         print!("{out}");
         let _ = std::io::stdout().flush();
     }
