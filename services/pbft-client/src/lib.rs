@@ -19,7 +19,7 @@
 
 pub mod cli;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -371,6 +371,22 @@ enum Answer {
     Failed(u32, u64, tonic::Status),
 }
 
+/// A broken link's status with the errors beneath it: tonic says "tcp connect error" and
+/// keeps "Connection refused (os error 111)" in its source chain, which is the useful part.
+fn status_detail(status: &tonic::Status) -> String {
+    let mut out = status.message().to_string();
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        let text = e.to_string();
+        if !text.is_empty() && !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = e.source();
+    }
+    out
+}
+
 fn now_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -526,7 +542,8 @@ impl Client {
         }
         let needed = max_faulty(n) + 1;
         let deadline = tokio::time::Instant::now() + self.timeout;
-        let mut errors = Vec::new();
+        // The last thing each replica said or failed with: retries would repeat it.
+        let mut errors: BTreeMap<u32, String> = BTreeMap::new();
         let mut invalid = 0usize;
         let mut resent = vec![false; n];
         loop {
@@ -556,13 +573,15 @@ impl Client {
                             return Ok(done.result);
                         }
                     }
-                    Err(detail) => errors.push(format!("r{replica}: malformed reply: {detail}")),
+                    Err(detail) => {
+                        errors.insert(replica, format!("malformed reply: {detail}"));
+                    }
                 },
                 Answer::Rejected(replica, rejection) => {
                     if rejection.timestamp != pb_req.timestamp {
                         continue;
                     }
-                    errors.push(format!("r{replica}: {}", rejection.reason));
+                    errors.insert(replica, rejection.reason.clone());
                     // A malformed request stays malformed; an overloaded replica gets it
                     // again on the retry.
                     if !rejection.retryable {
@@ -594,7 +613,7 @@ impl Client {
                         }
                         retry_at = deadline;
                     }
-                    errors.push(format!("r{replica}: {}", status.message()));
+                    errors.insert(replica, status_detail(&status));
                 }
             }
         }
@@ -608,7 +627,11 @@ impl Client {
             detail: if errors.is_empty() {
                 "no replica answered".into()
             } else {
-                errors.join("; ")
+                errors
+                    .iter()
+                    .map(|(r, e)| format!("r{r}: {e}"))
+                    .collect::<Vec<_>>()
+                    .join("; ")
             },
         })
     }
@@ -684,6 +707,19 @@ mod tests {
             timestamp,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn status_detail_names_the_cause_beneath_the_status() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused here");
+        let mut status = tonic::Status::unavailable("tcp connect error");
+        status.set_source(Arc::new(io));
+        assert_eq!(status_detail(&status), "tcp connect error: refused here");
+        assert_eq!(
+            status_detail(&tonic::Status::unavailable("gone")),
+            "gone",
+            "a status without a source is its message"
+        );
     }
 
     /// Answers reach their client's inbox until the client completes that request; later
