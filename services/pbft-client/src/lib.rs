@@ -111,7 +111,7 @@ impl Connections {
     pub fn new(opts: &ClientOptions) -> Result<Connections, ClientError> {
         let n = opts.replicas.len();
         // n = 1 is the unreplicated baseline server that `pbft bench --unreplicated` uses.
-        if n != 1 && (n < 4 || (n - 1) % 3 != 0) {
+        if n != 1 && (n < 4 || !(n - 1).is_multiple_of(3)) {
             return Err(ClientError::ClusterSize(n));
         }
         let mut replicas = Vec::with_capacity(n);

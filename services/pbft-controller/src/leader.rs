@@ -250,10 +250,10 @@ impl LeaderElector {
         };
         task.abort();
         metrics.leader.set(0);
-        if outcome.is_ok() {
-            if let Err(e) = self.step_down().await {
-                warn!(error = %e, "could not release the lease");
-            }
+        if outcome.is_ok()
+            && let Err(e) = self.step_down().await
+        {
+            warn!(error = %e, "could not release the lease");
         }
         outcome
     }

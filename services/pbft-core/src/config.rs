@@ -142,7 +142,7 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.n < 4 || (self.n - 1) % 3 != 0 {
+        if self.n < 4 || !(self.n - 1).is_multiple_of(3) {
             return Err(ConfigError::ReplicaCount(self.n));
         }
         if self.checkpoint_interval == 0 {

@@ -288,11 +288,11 @@ impl Sim {
         let net = &self.sc.network;
         let mut copies = 1;
         if !self.healed() {
-            if let (Addr::Replica(a), Addr::Replica(b)) = (from, to) {
-                if self.partitioned(a, b) {
-                    self.out.dropped += 1;
-                    return;
-                }
+            if let (Addr::Replica(a), Addr::Replica(b)) = (from, to)
+                && self.partitioned(a, b)
+            {
+                self.out.dropped += 1;
+                return;
             }
             if self.rng.chance(net.drop_percent) {
                 self.out.dropped += 1;
@@ -515,20 +515,20 @@ impl Sim {
                         };
                         if let Some(adv) = self.replicas[r].adversary.as_mut() {
                             adv.overhear(&msg);
-                            if let Message::Request(req) = &msg {
-                                if !adv.accepts_request(req) {
-                                    return Ok(());
-                                }
+                            if let Message::Request(req) = &msg
+                                && !adv.accepts_request(req)
+                            {
+                                return Ok(());
                             }
                         }
                         held[r].push((from, msg));
                         return Ok(());
                     }
                     Payload::Submit(req) => {
-                        if let Some(adv) = self.replicas[r].adversary.as_ref() {
-                            if !adv.accepts_request(&req) {
-                                return Ok(());
-                            }
+                        if let Some(adv) = self.replicas[r].adversary.as_ref()
+                            && !adv.accepts_request(&req)
+                        {
+                            return Ok(());
                         }
                         Input::Request(req)
                     }
@@ -594,10 +594,10 @@ impl Sim {
             *unsynced = None;
         }
         for op in &output.persist {
-            if let PersistOp::Block(b) = op {
-                if honest {
-                    self.inv.on_block(r, b)?;
-                }
+            if let PersistOp::Block(b) = op
+                && honest
+            {
+                self.inv.on_block(r, b)?;
             }
         }
         for e in &output.events {
@@ -635,12 +635,11 @@ impl Sim {
         }
         let mut outgoing = Vec::new();
         for env in output.messages {
-            if honest {
-                if let Message::Checkpoint(c) = &env.msg {
-                    if c.body.replica.0 as usize == r {
-                        self.inv.on_checkpoint(r, c.body.seq, c.body.state_digest)?;
-                    }
-                }
+            if honest
+                && let Message::Checkpoint(c) = &env.msg
+                && c.body.replica.0 as usize == r
+            {
+                self.inv.on_checkpoint(r, c.body.seq, c.body.state_digest)?;
             }
             match env.to {
                 Target::All => {

@@ -125,7 +125,7 @@ impl ClusterFile {
 
     /// Creates keys and configs for a new cluster of `n` replicas on 127.0.0.1..n.
     pub fn generate(dir: &Path, n: usize, transport: &str, base_port: u16) -> Result<ClusterFile> {
-        if n < 4 || (n - 1) % 3 != 0 {
+        if n < 4 || !(n - 1).is_multiple_of(3) {
             bail!("--replicas must be 3f+1 with f >= 1 (4, 7, 10, ...), got {n}");
         }
         if n > 250 {

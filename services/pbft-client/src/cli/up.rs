@@ -226,11 +226,11 @@ pub async fn up(args: UpArgs) -> Result<()> {
     while !stop.load(Ordering::Relaxed) && args.duration.is_none_or(|d| began.elapsed() < d) {
         tick.tick().await;
         for p in &mut procs {
-            if let Some(c) = p.child.as_mut() {
-                if let Ok(Some(st)) = c.try_wait() {
-                    p.exit = Some(st.to_string());
-                    p.child = None;
-                }
+            if let Some(c) = p.child.as_mut()
+                && let Ok(Some(st)) = c.try_wait()
+            {
+                p.exit = Some(st.to_string());
+                p.child = None;
             }
         }
         let statuses: Vec<Option<serde_json::Value>> = cluster

@@ -37,7 +37,7 @@ impl Replica {
             return;
         }
         let seq = m.body.seq;
-        if seq == 0 || seq % self.cfg.checkpoint_interval != 0 {
+        if seq == 0 || !seq.is_multiple_of(self.cfg.checkpoint_interval) {
             self.reject(RejectReason::Malformed);
             return;
         }

@@ -342,14 +342,14 @@ impl Replica {
             // section 4.5.2): a replica alone in a view change, e.g. cut off with a request
             // while the others carried on, keeps asking for the same view instead of climbing
             // views on its own, so it is still there when the others next change views.
-            if let Some(since) = self.view_change_quorum_at {
-                if self.now.saturating_sub(since) >= self.vc_timeout {
-                    // The new primary did not deliver a valid new view in time: try the next
-                    // one, waiting longer, so that eventually some correct primary gets
-                    // enough time.
-                    self.vc_timeout = (self.vc_timeout * 2).min(self.cfg.max_view_change_timeout);
-                    self.start_view_change(self.view + 1);
-                }
+            if let Some(since) = self.view_change_quorum_at
+                && self.now.saturating_sub(since) >= self.vc_timeout
+            {
+                // The new primary did not deliver a valid new view in time: try the next
+                // one, waiting longer, so that eventually some correct primary gets
+                // enough time.
+                self.vc_timeout = (self.vc_timeout * 2).min(self.cfg.max_view_change_timeout);
+                self.start_view_change(self.view + 1);
             }
         } else if let Some(&(since, _)) = self.timers.first() {
             // While syncing, the timers stand still. f+1 replicas claim blocks we have not
@@ -418,10 +418,10 @@ impl Replica {
     fn signature_holds<T: Signable>(&self, m: &Signed<T>) -> bool {
         let author = m.author(self.cfg.n);
         let bytes = m.body.signing_bytes();
-        if let Some((checked, ok)) = self.batch_verdicts.get(&(author, m.signature)) {
-            if *checked == bytes {
-                return *ok;
-            }
+        if let Some((checked, ok)) = self.batch_verdicts.get(&(author, m.signature))
+            && *checked == bytes
+        {
+            return *ok;
         }
         self.verifier.verify_replica(author, &bytes, &m.signature)
     }

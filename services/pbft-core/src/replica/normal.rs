@@ -152,23 +152,23 @@ impl Replica {
             .collect();
         let primary = self.primary();
         for client in overdue {
-            if let Some(w) = self.waiting.get_mut(&client) {
-                if !w.forwarded {
-                    w.forwarded = true;
-                    let req = w.request.clone();
-                    self.send(primary, Message::Request(req));
-                }
+            if let Some(w) = self.waiting.get_mut(&client)
+                && !w.forwarded
+            {
+                w.forwarded = true;
+                let req = w.request.clone();
+                self.send(primary, Message::Request(req));
             }
         }
     }
 
     /// Stops the timer of an executed request.
     fn executed_for_client(&mut self, req: &Request) {
-        if let Some(w) = self.waiting.get(&req.client) {
-            if w.request.timestamp <= req.timestamp {
-                self.timers.remove(&(w.since, req.client));
-                self.waiting.remove(&req.client);
-            }
+        if let Some(w) = self.waiting.get(&req.client)
+            && w.request.timestamp <= req.timestamp
+        {
+            self.timers.remove(&(w.since, req.client));
+            self.waiting.remove(&req.client);
         }
     }
 
@@ -611,7 +611,7 @@ impl Replica {
                 }
             }
         }
-        let checkpoint_here = height % self.cfg.checkpoint_interval == 0;
+        let checkpoint_here = height.is_multiple_of(self.cfg.checkpoint_interval);
         let state_digest = if checkpoint_here {
             self.kv.digest(self.cfg.state_digest)
         } else {

@@ -42,10 +42,10 @@ impl Replica {
             .values()
             .flat_map(|slot| slot.own_votes(is_primary))
             .collect();
-        if let Some((_, votes)) = self.checkpoint_votes.iter().next_back() {
-            if let Some(own) = votes.get(&self.id) {
-                msgs.push(Message::Checkpoint(own.clone()));
-            }
+        if let Some((_, votes)) = self.checkpoint_votes.iter().next_back()
+            && let Some(own) = votes.get(&self.id)
+        {
+            msgs.push(Message::Checkpoint(own.clone()));
         }
         for m in msgs {
             self.broadcast(m);

@@ -185,15 +185,14 @@ impl Replica {
         }
         // The executed prefix of the log is settled; drop its slots.
         self.slots = self.slots.split_off(&(self.last_executed + 1));
-        if let Some(cert) = resp.checkpoint {
-            if cert.seq > self.stable.seq
-                && cert.verify(self.n(), self.cfg.quorum(), self.verifier.as_ref())
-            {
-                if cert.seq <= self.last_executed {
-                    self.adopt_stable(cert);
-                } else if let Some(s) = self.sync.as_mut() {
-                    s.target = s.target.max(cert.seq);
-                }
+        if let Some(cert) = resp.checkpoint
+            && cert.seq > self.stable.seq
+            && cert.verify(self.n(), self.cfg.quorum(), self.verifier.as_ref())
+        {
+            if cert.seq <= self.last_executed {
+                self.adopt_stable(cert);
+            } else if let Some(s) = self.sync.as_mut() {
+                s.target = s.target.max(cert.seq);
             }
         }
         if bad {

@@ -96,19 +96,19 @@ impl Replica {
             self.reject(RejectReason::StaleView);
             return;
         }
-        if let Some(old) = self.view_changes.get(&who) {
-            if old.body.new_view >= m.body.new_view {
-                // Same view, other content: equivocation. An older view arriving late is
-                // just reordering.
-                self.reject(if *old == m {
-                    RejectReason::Duplicate
-                } else if old.body.new_view == m.body.new_view {
-                    RejectReason::Conflicting
-                } else {
-                    RejectReason::StaleView
-                });
-                return;
-            }
+        if let Some(old) = self.view_changes.get(&who)
+            && old.body.new_view >= m.body.new_view
+        {
+            // Same view, other content: equivocation. An older view arriving late is
+            // just reordering.
+            self.reject(if *old == m {
+                RejectReason::Duplicate
+            } else if old.body.new_view == m.body.new_view {
+                RejectReason::Conflicting
+            } else {
+                RejectReason::StaleView
+            });
+            return;
         }
         if !self.valid_view_change(&m.body) {
             self.reject(RejectReason::InvalidCertificate);

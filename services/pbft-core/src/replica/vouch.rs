@@ -130,10 +130,10 @@ impl Replica {
         };
         slot.valid = true;
         self.expect_batch(pp.body.batch.requests());
-        if self.upgrade_own_prepare(seq) {
-            if let Some(prepare) = self.slots.get(&seq).and_then(|s| s.own_prepare.clone()) {
-                self.broadcast(Message::Prepare(prepare));
-            }
+        if self.upgrade_own_prepare(seq)
+            && let Some(prepare) = self.slots.get(&seq).and_then(|s| s.own_prepare.clone())
+        {
+            self.broadcast(Message::Prepare(prepare));
         }
         self.check_prepared(seq);
     }

@@ -144,11 +144,11 @@ fn write_loop(shared: &Shared, file: &Path) {
                     }
                     _ => Duration::ZERO,
                 };
-                if left.is_zero() {
-                    if let Some(s) = slot.pending.take() {
-                        slot.busy = true;
-                        break s;
-                    }
+                if left.is_zero()
+                    && let Some(s) = slot.pending.take()
+                {
+                    slot.busy = true;
+                    break s;
                 }
                 slot = shared
                     .changed

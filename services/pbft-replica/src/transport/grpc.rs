@@ -226,7 +226,7 @@ impl Dialler {
                         .inc();
                     // Log the first failure and then every 20th: a peer that is down for a
                     // while should not flood the log.
-                    if failures == 1 || failures % 20 == 0 {
+                    if failures == 1 || failures.is_multiple_of(20) {
                         warn!(peer = self.peer.0, addr = %self.addr, failures, error = %e, "cannot reach peer; retrying");
                     }
                 }

@@ -360,7 +360,7 @@ async fn dial_loop(
             Err(e) => {
                 failures += 1;
                 metrics.connection_errors.with_label_values(&[&label]).inc();
-                if failures == 1 || failures % 20 == 0 {
+                if failures == 1 || failures.is_multiple_of(20) {
                     warn!(peer = peer.0, %addr, failures, error = %e, "cannot reach peer; retrying");
                 }
             }
