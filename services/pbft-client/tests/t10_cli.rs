@@ -176,6 +176,34 @@ fn up_commands_exit_codes_and_resume() {
     let o = run(&data, &["del", "greeting"]);
     assert_eq!(o.status.code(), Some(4));
 
+    // A second `pbft up` on the same directory, or a new cluster on the same ports, is
+    // refused before it starts anything (it used to start replicas that could not bind
+    // and then show the running cluster's replicas as its own).
+    let up_refused = |data: &Path, port: &str, why: &str| {
+        let bin = replica_bin().display().to_string();
+        let o = run(
+            data,
+            &[
+                "up",
+                "--port",
+                port,
+                "--seconds",
+                "1",
+                "--replica-bin",
+                &bin,
+            ],
+        );
+        assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+        assert!(text(&o).contains(why), "{}", text(&o));
+    };
+    up_refused(&data, &port.to_string(), "another `pbft up`");
+    let other = dir.path().join("other");
+    up_refused(&other, &port.to_string(), "cannot listen on");
+    assert!(
+        !other.join("cluster.yaml").exists(),
+        "a refused new cluster writes no configuration"
+    );
+
     // Kill one replica: the rest keep committing, status shows it down but exits 0 (f = 1).
     let pid = Command::new("pgrep")
         .args(["-f", &format!("{}/replica-3.yaml", data.display())])

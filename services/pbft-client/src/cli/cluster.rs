@@ -124,31 +124,53 @@ impl ClusterFile {
     }
 
     /// Creates keys and configs for a new cluster of `n` replicas on 127.0.0.1..n.
-    pub fn generate(dir: &Path, n: usize, transport: &str, base_port: u16) -> Result<ClusterFile> {
+    /// The addresses `generate` gives replica `i`: 127.0.0.(i+1) with its peer listener on
+    /// `base_port`, its sidecar on the next port, and (TCP only) its client listener on the
+    /// one after; [listen, http, client].
+    pub fn loopback_addrs(i: usize, transport: &str, base_port: u16) -> Result<[SocketAddr; 3]> {
+        let ports = if transport == "tcp" { 2 } else { 1 };
+        if base_port.checked_add(ports).is_none() || base_port == 0 {
+            bail!(
+                "--port {base_port} leaves no room for the {} ports each replica needs",
+                ports + 1
+            );
+        }
+        let ip = std::net::Ipv4Addr::new(127, 0, 0, (i + 1) as u8);
+        let at = |port: u16| SocketAddr::from((ip, port));
+        let listen = at(base_port);
+        let client = if transport == "tcp" {
+            at(base_port + 2)
+        } else {
+            listen
+        };
+        Ok([listen, at(base_port + 1), client])
+    }
+
+    /// Whether `generate` can lay out `n` replicas.
+    pub fn check_size(n: usize) -> Result<()> {
         if n < 4 || !(n - 1).is_multiple_of(3) {
             bail!("--replicas must be 3f+1 with f >= 1 (4, 7, 10, ...), got {n}");
         }
         if n > 250 {
             bail!("--replicas {n} is more than this machine's loopback plan supports (250)");
         }
+        Ok(())
+    }
+
+    pub fn generate(dir: &Path, n: usize, transport: &str, base_port: u16) -> Result<ClusterFile> {
+        Self::check_size(n)?;
         let keys = dir.join("keys");
         fs::create_dir_all(&keys).with_context(|| format!("cannot create {}", keys.display()))?;
         let mut replicas = Vec::new();
         for i in 0..n {
             let secret = random_secret()?;
             write_secret(&keys.join(format!("replica-{i}.key")), &secret)?;
-            let ip = format!("127.0.0.{}", i + 1);
-            let listen: SocketAddr = format!("{ip}:{base_port}").parse()?;
-            let client = if transport == "tcp" {
-                format!("{ip}:{}", base_port + 2).parse()?
-            } else {
-                listen
-            };
+            let [listen, http, client] = Self::loopback_addrs(i, transport, base_port)?;
             replicas.push(ReplicaInfo {
                 id: i as u32,
                 listen,
                 client,
-                http: format!("{ip}:{}", base_port + 1).parse()?,
+                http,
                 public_key: to_hex(&Ed25519Signer::from_secret(secret).public().0),
             });
         }

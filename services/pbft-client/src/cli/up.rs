@@ -4,6 +4,7 @@
 
 use std::fs;
 use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -101,11 +102,94 @@ fn tail(path: &Path, lines: usize) -> String {
     v[v.len().saturating_sub(lines)..].join("\n")
 }
 
+/// Holds `dir` for this `pbft up` alone: a second one on the same directory would start a
+/// second set of replicas on the same ports and data, which fail, while its status view
+/// showed the first cluster's replicas as its own. The lock goes with the process.
+fn lock_data_dir(dir: &Path) -> Result<fs::File> {
+    let path = dir.join("up.lock");
+    let mut file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => {
+            let holder = fs::read_to_string(&path).unwrap_or_default();
+            let holder = holder.trim();
+            bail!(
+                "another `pbft up` is running the cluster in {}{}; stop it first (Ctrl-C), or use another --data directory",
+                dir.display(),
+                if holder.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (pid {holder})")
+                }
+            );
+        }
+        Err(fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("cannot lock {}", path.display()));
+        }
+    }
+    file.set_len(0)?;
+    write!(file, "{}", std::process::id())?;
+    Ok(file)
+}
+
+/// Every address the cluster's replicas will listen on (`(replica, address)`), checked
+/// free before any starts: otherwise a replica fails to bind while whatever holds the port
+/// (another cluster, say) answers the readiness and status probes in its name.
+fn check_ports_free(addrs: &[(u32, SocketAddr)], fresh: bool) -> Result<()> {
+    for (id, addr) in addrs {
+        if let Err(e) = std::net::TcpListener::bind(addr) {
+            bail!(
+                "replica {id} cannot listen on {addr}: {e}. Something else holds that port (another cluster?); {}",
+                if fresh {
+                    "pick other ports with --port, or stop it"
+                } else {
+                    "stop it (this cluster's ports are fixed in its cluster.yaml)"
+                }
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The addresses `check_ports_free` checks for an existing cluster.
+fn cluster_addrs(cluster: &ClusterFile) -> Vec<(u32, SocketAddr)> {
+    let mut out = Vec::new();
+    for r in &cluster.replicas {
+        for addr in [r.listen, r.http, r.client] {
+            if !out.contains(&(r.id, addr)) {
+                out.push((r.id, addr));
+            }
+        }
+    }
+    out
+}
+
 /// Runs the local cluster until Ctrl-C (or `duration`).
 pub async fn up(args: UpArgs) -> Result<()> {
     let dir = args.data.clone();
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let cluster = if ClusterFile::path(&dir).is_file() {
+    let _lock = lock_data_dir(&dir)?;
+    let fresh = !ClusterFile::path(&dir).is_file();
+    // Checked before a new cluster's files are written: they fix its ports for good.
+    if fresh {
+        ClusterFile::check_size(args.replicas)?;
+        let mut addrs = Vec::new();
+        for i in 0..args.replicas {
+            for addr in ClusterFile::loopback_addrs(i, &args.transport, args.base_port)? {
+                if !addrs.contains(&(i as u32, addr)) {
+                    addrs.push((i as u32, addr));
+                }
+            }
+        }
+        check_ports_free(&addrs, true)?;
+    }
+    let cluster = if !fresh {
         let c = ClusterFile::load(&dir)?;
         println!(
             "resuming the {}-replica {} cluster in {}",
@@ -125,6 +209,9 @@ pub async fn up(args: UpArgs) -> Result<()> {
         );
         c
     };
+    if !fresh {
+        check_ports_free(&cluster_addrs(&cluster), false)?;
+    }
     let bin = replica_binary(args.replica_bin.as_deref())?;
     let threads = runtime_threads(cluster.replicas.len());
     let mut procs: Vec<Proc> = Vec::new();
@@ -164,15 +251,6 @@ pub async fn up(args: UpArgs) -> Result<()> {
     // Wait (bounded) until every replica is ready; a replica that dies shows its log.
     let started = Instant::now();
     loop {
-        let ready = cluster
-            .replicas
-            .iter()
-            .filter(|r| http::get(r.http, "/readyz").is_some_and(|(c, _)| c == 200))
-            .count();
-        if ready == cluster.replicas.len() {
-            println!("all {ready} replicas ready after {:.1?}", started.elapsed());
-            break;
-        }
         let died = procs.iter_mut().find_map(|p| {
             let st = p.child.as_mut()?.try_wait().ok()??;
             Some((p.id, st))
@@ -189,6 +267,15 @@ pub async fn up(args: UpArgs) -> Result<()> {
                 log.display(),
                 tail(&log, 15)
             );
+        }
+        let ready = cluster
+            .replicas
+            .iter()
+            .filter(|r| http::get(r.http, "/readyz").is_some_and(|(c, _)| c == 200))
+            .count();
+        if ready == cluster.replicas.len() {
+            println!("all {ready} replicas ready after {:.1?}", started.elapsed());
+            break;
         }
         if started.elapsed() > Duration::from_secs(60) || stop.load(Ordering::Relaxed) {
             for p in &mut procs {
@@ -270,7 +357,8 @@ pub async fn up(args: UpArgs) -> Result<()> {
             let p = &procs[i];
             let pid = p.child.as_ref().map_or("-".into(), |c| c.id().to_string());
             let mut row = vec![format!("r{}", r.id), pid];
-            match s {
+            // A replica whose process is gone is down, whatever answers on its port.
+            match s.as_ref().filter(|_| p.child.is_some()) {
                 Some(s) => {
                     let h = s["height"].as_u64();
                     let rate = h
