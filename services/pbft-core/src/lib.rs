@@ -46,7 +46,7 @@ pub use message::{
 pub use output::{Envelope, Event, Input, Output, Source, Target};
 pub use reject::{RejectCounts, RejectReason};
 pub use replica::{Replica, Status};
-pub use request::{Batch, OpResult, Operation, Reply, Request};
+pub use request::{Batch, OpResult, Operation, Reply, Request, ShapeError};
 pub use storage::{
     MemStore, PersistOp, Recovered, StableCheckpoint, StateProvider, Storage, StorageError,
 };

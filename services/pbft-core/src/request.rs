@@ -75,7 +75,33 @@ pub struct Request {
     pub signature: Signature,
 }
 
+/// Why a request cannot be ordered, whatever its signature says.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ShapeError {
+    #[error("request too large: {size} bytes of key and values, at most {max}")]
+    TooLarge { size: usize, max: usize },
+    #[error("request has an empty key")]
+    EmptyKey,
+}
+
 impl Request {
+    /// Whether the request is one a replica may order: a key, and at most
+    /// `max_request_bytes` of key and values. Replicas check it on arrival, and the client
+    /// API answers a failure with its reason instead of leaving the client to time out.
+    pub fn check_shape(&self, max_request_bytes: usize) -> Result<(), ShapeError> {
+        if self.op.key().is_empty() {
+            return Err(ShapeError::EmptyKey);
+        }
+        let size = self.op.payload_len();
+        if size > max_request_bytes {
+            return Err(ShapeError::TooLarge {
+                size,
+                max: max_request_bytes,
+            });
+        }
+        Ok(())
+    }
+
     /// The bytes a client signs: a domain tag and the SHA-256 of the request's canonical
     /// encoding, not the encoding itself. Ed25519 hashes its message with SHA-512 twice to
     /// sign and once per check, and each request is checked by two replicas; hashing a

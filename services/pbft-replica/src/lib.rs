@@ -73,6 +73,7 @@ fn grpc_settings(cfg: &Config) -> Result<GrpcSettings> {
         backoff_min: Duration::from_millis(cfg.net.backoff_min_ms),
         backoff_max: Duration::from_millis(cfg.net.backoff_max_ms),
         submit_timeout: Duration::from_millis(cfg.submit_timeout_ms),
+        max_request_bytes: cfg.protocol.max_request_bytes,
         tls,
     })
 }

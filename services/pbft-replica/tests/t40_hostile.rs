@@ -238,7 +238,30 @@ fn grpc_malformed_request_in_a_batch_is_rejected_and_the_stream_goes_on() {
         };
         let mut forged = signed_put(1, 1, b"forged");
         forged.client_id = 3; // client 1's signature, claimed by client 3
-        let batch = vec![malformed, forged, signed_put(2, 1, b"good")];
+        // Well-formed protobuf that no replica would order: answered with the reason.
+        let shaped = |timestamp: u64, key: &[u8], value: Vec<u8>| {
+            use pbft_api::convert::Wire;
+            pbft_core::Request {
+                client: pbft_core::ClientId(3),
+                timestamp,
+                op: pbft_core::Operation::Put {
+                    key: key.to_vec(),
+                    value,
+                },
+                signature: pbft_core::Signature([0; 64]),
+            }
+            .to_pb()
+        };
+        // The test clusters allow 64 KiB (tests/common).
+        let too_large = shaped(10, b"k", vec![b'x'; 1 << 16]);
+        let empty_key = shaped(11, b"", b"v".to_vec());
+        let batch = vec![
+            malformed,
+            forged,
+            too_large,
+            empty_key,
+            signed_put(2, 1, b"good"),
+        ];
         tx.send(pb::RequestBatch { requests: batch })
             .await
             .expect("send");
@@ -253,13 +276,21 @@ fn grpc_malformed_request_in_a_batch_is_rejected_and_the_stream_goes_on() {
             rejections.extend(batch.rejections);
             replies.extend(batch.replies.iter().map(|r| (r.client_id, r.timestamp)));
         };
-        while rejections.is_empty() || replies.is_empty() {
+        while rejections.len() < 3 || replies.is_empty() {
             next(&mut rejections, &mut replies).await;
         }
-        assert_eq!(rejections.len(), 1, "{rejections:?}");
-        let r = &rejections[0];
-        assert_eq!((r.client_id, r.timestamp, r.retryable), (3, 9, false));
-        assert!(r.reason.contains("malformed"), "{}", r.reason);
+        rejections.sort_by_key(|r| r.timestamp);
+        let seen: Vec<(u64, u64, bool)> = rejections
+            .iter()
+            .map(|r| (r.client_id, r.timestamp, r.retryable))
+            .collect();
+        assert_eq!(seen, vec![(3, 9, false), (3, 10, false), (3, 11, false)]);
+        assert!(rejections[0].reason.contains("malformed"), "{rejections:?}");
+        assert!(
+            rejections[1].reason.contains("too large") && rejections[1].reason.contains("65536"),
+            "{rejections:?}"
+        );
+        assert!(rejections[2].reason.contains("empty key"), "{rejections:?}");
         assert_eq!(replies, vec![(2, 1)], "only the good request is answered");
         // The same stream goes on serving.
         tx.send(pb::RequestBatch {
@@ -275,7 +306,7 @@ fn grpc_malformed_request_in_a_batch_is_rejected_and_the_stream_goes_on() {
             "the forged request was never executed"
         );
     });
-    assert!(rejected(&c, 0, "malformed") >= 1.0);
+    assert!(rejected(&c, 0, "malformed") >= 3.0);
     assert!(rejected(&c, 0, "bad_signature") >= 1.0);
     check_survives(&c, &rt, "grpc");
 }

@@ -87,7 +87,7 @@ impl Replica {
 
     /// Checks what can be checked of a request on its own but its signature: size, client.
     fn check_request_shape(&self, req: &Request) -> Result<(), RejectReason> {
-        if req.op.payload_len() > self.cfg.max_request_bytes || req.op.key().is_empty() {
+        if req.check_shape(self.cfg.max_request_bytes).is_err() {
             return Err(RejectReason::Malformed);
         }
         if !self.verifier.knows_client(req.client) {

@@ -39,6 +39,9 @@ pub struct GrpcSettings {
     pub backoff_min: Duration,
     pub backoff_max: Duration,
     pub submit_timeout: Duration,
+    /// The protocol's request size limit: the client API refuses a larger request at once,
+    /// with its reason, rather than hand it to the core to be dropped.
+    pub max_request_bytes: usize,
     /// TLS on the listener and on dials, when configured.
     pub tls: Option<super::tls::TlsMaterial>,
 }
@@ -474,8 +477,7 @@ impl GrpcServer {
         req: pb::Request,
         route: Option<ReplyRoute>,
     ) -> Result<pb::Reply, Status> {
-        let request = pbft_core::Request::from_pb(req)
-            .map_err(|e| Status::invalid_argument(format!("malformed request: {e}")))?;
+        let request = self.admissible(req).map_err(Status::invalid_argument)?;
         let (tx, rx) = oneshot::channel();
         self.node
             .deliver(Inbound::Submit {
@@ -736,6 +738,25 @@ impl ClientService for GrpcServer {
 const BATCH_ROUTE_CAPACITY: usize = 8192;
 
 impl GrpcServer {
+    /// The request in `req`, or why no replica would order it (counted as malformed):
+    /// a client gets that reason at once instead of timing out.
+    fn admissible(&self, req: pb::Request) -> Result<pbft_core::Request, String> {
+        let checked = pbft_core::Request::from_pb(req)
+            .map_err(|e| format!("malformed request: {e}"))
+            .and_then(|r| {
+                r.check_shape(self.settings.max_request_bytes)
+                    .map(|()| r)
+                    .map_err(|e| e.to_string())
+            });
+        if checked.is_err() {
+            self.metrics
+                .rejected
+                .with_label_values(&["malformed"])
+                .inc();
+        }
+        checked
+    }
+
     /// Hands one request of a `SubmitBatches` stream to the node, its answer to go down
     /// `route`; a rejection when it cannot be taken.
     fn submit_routed(&self, req: pb::Request, route: &ReplyRoute) -> Option<pb::Rejection> {
@@ -744,14 +765,8 @@ impl GrpcServer {
         // `execute` and `persist` spans cover the rest of the request's life.
         let _span =
             tracing::info_span!("submit", client = client_id, timestamp, batched = true).entered();
-        let (reason, retryable) = match pbft_core::Request::from_pb(req) {
-            Err(e) => {
-                self.metrics
-                    .rejected
-                    .with_label_values(&["malformed"])
-                    .inc();
-                (format!("malformed request: {e}"), false)
-            }
+        let (reason, retryable) = match self.admissible(req) {
+            Err(reason) => (reason, false),
             Ok(request) => match self.node.deliver(Inbound::Submit {
                 request,
                 reply: None,

@@ -201,7 +201,7 @@ impl Cluster {
                 String::new()
             };
             let cfg = format!(
-                "id: {i}\nlisten: {}\n{client_line}http_listen: {}\ndata_dir: {}\nkey_file: {}\ntransport: {transport}\nready_max_lag: 4\nsubmit_timeout_ms: 5000\nprotocol:\n  checkpoint_interval: 8\n  log_window: 32\n  view_change_timeout_ms: 1000\n  retransmit_interval_ms: 200\n  status_interval_ms: 250\n  sync_timeout_ms: 1000\n  sync_chunk: 16\nnet:\n  max_message_bytes: 1048576\n  queue_capacity: 64\n  backoff_min_ms: 50\n  backoff_max_ms: 500\nreplicas:\n{replicas}clients:\n{clients}{statefulset}{tls}",
+                "id: {i}\nlisten: {}\n{client_line}http_listen: {}\ndata_dir: {}\nkey_file: {}\ntransport: {transport}\nready_max_lag: 4\nsubmit_timeout_ms: 5000\nprotocol:\n  checkpoint_interval: 8\n  log_window: 32\n  view_change_timeout_ms: 1000\n  retransmit_interval_ms: 200\n  status_interval_ms: 250\n  sync_timeout_ms: 1000\n  sync_chunk: 16\n  max_request_bytes: 65536\nnet:\n  max_message_bytes: 1048576\n  queue_capacity: 64\n  backoff_min_ms: 50\n  backoff_max_ms: 500\nreplicas:\n{replicas}clients:\n{clients}{statefulset}{tls}",
                 listen[i],
                 http[i],
                 dir.path().join(format!("data-{i}")).display(),
