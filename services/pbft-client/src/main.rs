@@ -70,16 +70,16 @@ enum Cmd {
     /// Measure committed throughput and latency against the running cluster.
     Bench {
         /// Closed loop: requests in flight (one per load client).
-        #[arg(long, default_value_t = 16)]
+        #[arg(long, default_value_t = 16, value_parser = at_least_one::<usize>)]
         concurrency: usize,
         /// Open loop: offered requests per second (instead of closed loop).
-        #[arg(long)]
+        #[arg(long, value_parser = at_least_one::<u64>)]
         rate: Option<u64>,
         /// Value size in bytes.
         #[arg(long, default_value_t = 512)]
         payload: usize,
         /// Measured seconds.
-        #[arg(long, default_value_t = 10)]
+        #[arg(long, default_value_t = 10, value_parser = at_least_one::<u64>)]
         duration: u64,
         /// Warm-up seconds before measuring.
         #[arg(long, default_value_t = 2)]
@@ -105,6 +105,16 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         replica: u32,
     },
+}
+
+/// A count that must be at least 1 (a benchmark with no clients, no rate or no measured
+/// time measures nothing).
+fn at_least_one<T: std::str::FromStr + PartialOrd + From<u8>>(s: &str) -> Result<T, String> {
+    match s.parse::<T>() {
+        Ok(v) if v >= T::from(1) => Ok(v),
+        Ok(_) => Err("must be at least 1".into()),
+        Err(_) => Err(format!("{s:?} is not a whole number")),
+    }
 }
 
 fn main() {
