@@ -57,11 +57,14 @@ enum Cmd {
     /// Delete a key (exit 4 if it did not exist).
     Del { key: String },
     /// Compare-and-swap: write NEW only if the key holds EXPECTED (or is absent with --absent).
+    #[command(group(clap::ArgGroup::new("precondition").required(true).args(["expected", "absent"])))]
     Cas {
         key: String,
         new: String,
-        #[arg(long, conflicts_with = "absent", required_unless_present = "absent")]
+        /// Write only if the key holds this value.
+        #[arg(long)]
         expected: Option<String>,
+        /// Write only if the key does not exist.
         #[arg(long)]
         absent: bool,
     },
