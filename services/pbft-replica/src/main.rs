@@ -100,9 +100,27 @@ async fn shutdown_signal() {
 fn main() {
     // Errors are printed as a readable chain, never as a backtrace.
     if let Err(e) = real_main() {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", readable_chain(&e));
         std::process::exit(1);
     }
+}
+
+/// `e` and its causes, joined by ": ", leaving out a cause whose text the message already
+/// carries: the library errors name their cause in their own message too (for logs that
+/// print only the outermost one), and `{:#}` then said it twice.
+fn readable_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 #[tokio::main]
@@ -122,4 +140,25 @@ async fn real_main() -> Result<()> {
     // Still inside the runtime: the exporter needs it to send its last batch.
     telemetry.shutdown();
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::readable_chain;
+
+    #[test]
+    fn causes_already_in_the_message_are_not_repeated() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let e = anyhow::Error::new(pbft_replica::config::ConfigError::Read {
+            path: "/nope.yaml".into(),
+            source: io,
+        })
+        .context("starting");
+        assert_eq!(
+            readable_chain(&e),
+            "starting: cannot read config file /nope.yaml: no such file"
+        );
+        let plain = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(readable_chain(&plain), "outer: inner");
+    }
 }

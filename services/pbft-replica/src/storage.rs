@@ -719,6 +719,9 @@ fn db_error(context: impl fmt::Display, e: impl Into<redb::Error>) -> StorageErr
         redb::Error::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
             StorageError::Corrupt(format!("{context}: the file is truncated ({io})"))
         }
+        redb::Error::DatabaseAlreadyOpen => StorageError::Io(format!(
+            "{context}: another process has it open (is a replica with this data_dir still running?)"
+        )),
         other => StorageError::Io(format!("{context}: {other}")),
     }
 }
