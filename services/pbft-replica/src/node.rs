@@ -93,6 +93,8 @@ pub struct Node {
     submit_timeout: Duration,
     transport: String,
     last_digest_height: u64,
+    /// Requests executed since this process started, for `/status`.
+    executed_requests: u64,
     last_digest_at: Instant,
     /// How long the last state digest took to compute.
     digest_cost: Duration,
@@ -133,6 +135,7 @@ impl Node {
             submit_timeout,
             transport,
             last_digest_height: u64::MAX,
+            executed_requests: 0,
             last_digest_at: Instant::now() - Duration::from_secs(10),
             digest_cost: Duration::ZERO,
             state_digest: String::new(),
@@ -322,6 +325,7 @@ impl Node {
             } => {
                 m.committed_height.set(height as i64);
                 m.batch_size.observe(requests as f64);
+                self.executed_requests += requests as u64;
                 if synced {
                     m.synced_blocks.inc();
                 }
@@ -406,6 +410,7 @@ impl Node {
             stable_checkpoint: s.stable_checkpoint,
             sync_target: s.sync_target,
             pending_requests: s.pending_requests,
+            executed_requests: self.executed_requests,
             transport: self.transport.clone(),
             peers: Vec::new(),
         });

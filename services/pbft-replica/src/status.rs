@@ -75,6 +75,9 @@ pub struct StatusView {
     pub stable_checkpoint: u64,
     pub sync_target: Option<u64>,
     pub pending_requests: usize,
+    /// Client requests this process has executed since it started (a block holds a batch
+    /// of them, so `height` counts batches): what a rate of commits is computed from.
+    pub executed_requests: u64,
     pub transport: String,
     pub peers: Vec<PeerView>,
 }

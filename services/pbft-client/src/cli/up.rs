@@ -170,6 +170,19 @@ fn cluster_addrs(cluster: &ClusterFile) -> Vec<(u32, SocketAddr)> {
     out
 }
 
+/// Requests committed per second between two readings of a replica's executed-request
+/// count (`/status`), 0 without two readings or when the count went back (a restart).
+fn commits_per_second(before: Option<(u64, Instant)>, now: Option<(u64, Instant)>) -> u64 {
+    let (Some((c0, t0)), Some((c1, t1))) = (before, now) else {
+        return 0;
+    };
+    let seconds = t1.duration_since(t0).as_secs_f64();
+    if seconds <= 0.0 {
+        return 0;
+    }
+    (c1.saturating_sub(c0) as f64 / seconds).round() as u64
+}
+
 /// Runs the local cluster until Ctrl-C (or `duration`).
 pub async fn up(args: UpArgs) -> Result<()> {
     let dir = args.data.clone();
@@ -306,7 +319,8 @@ pub async fn up(args: UpArgs) -> Result<()> {
     }
 
     let tty = std::io::stdout().is_terminal();
-    let mut last_heights: Vec<Option<u64>> = vec![None; cluster.replicas.len()];
+    // Each replica's executed-request count when last shown, and when: its commits/s.
+    let mut last_counts: Vec<Option<(u64, Instant)>> = vec![None; cluster.replicas.len()];
     let mut last_ok = 0;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let began = Instant::now();
@@ -361,10 +375,9 @@ pub async fn up(args: UpArgs) -> Result<()> {
             match s.as_ref().filter(|_| p.child.is_some()) {
                 Some(s) => {
                     let h = s["height"].as_u64();
-                    let rate = h
-                        .zip(last_heights[i])
-                        .map_or(0, |(h, l)| h.saturating_sub(l));
-                    last_heights[i] = h;
+                    let count = s["executed_requests"].as_u64().map(|c| (c, Instant::now()));
+                    let rate = commits_per_second(last_counts[i], count);
+                    last_counts[i] = count;
                     let peers = s["peers"]
                         .as_array()
                         .map_or(0, |a| a.iter().filter(|p| p["connected"] == true).count());
@@ -384,7 +397,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
                     ]);
                 }
                 None => {
-                    last_heights[i] = None;
+                    last_counts[i] = None;
                     row.push(
                         if p.exit.is_some() {
                             "down"
@@ -476,4 +489,21 @@ async fn start_load(
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commits_per_second_from_two_readings() {
+        let t0 = Instant::now();
+        let t1 = t0 + Duration::from_millis(500);
+        assert_eq!(commits_per_second(Some((100, t0)), Some((600, t1))), 1000);
+        assert_eq!(commits_per_second(None, Some((600, t1))), 0);
+        assert_eq!(commits_per_second(Some((100, t0)), None), 0);
+        // A restarted replica counts from zero again.
+        assert_eq!(commits_per_second(Some((600, t0)), Some((5, t1))), 0);
+        assert_eq!(commits_per_second(Some((1, t1)), Some((2, t1))), 0);
+    }
 }
