@@ -14,7 +14,13 @@ use pbft_client::cli::{OutputFormat, bench, commands, exit, up};
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(version, about = "PBFT: a Byzantine-fault-tolerant key-value store")]
+#[command(
+    name = "pbft",
+    version,
+    about = "PBFT: a Byzantine-fault-tolerant key-value store",
+    after_help = "Exit codes: 0 ok, 1 error, 2 bad arguments, 3 no quorum (cluster down or \
+                  partitioned), 4 key not found, 5 CAS mismatch, 6 ledger invalid."
+)]
 struct Cli {
     /// Cluster directory (written by `pbft up`).
     #[arg(long, global = true, env = "PBFT_DATA", default_value = ".pbft")]
@@ -194,5 +200,39 @@ fn main() {
             eprintln!("error: {e:#}");
             std::process::exit(commands::error_code(&e));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// The arguments hold together (clap's own checks), and `--help` states the exit codes
+    /// the CLI actually uses.
+    #[test]
+    fn help_lists_the_exit_codes_in_use() {
+        Cli::command().debug_assert();
+        let help = Cli::command().render_long_help().to_string();
+        for (code, what) in [
+            (exit::OK, "ok"),
+            (exit::ERROR, "error"),
+            (exit::UNAVAILABLE, "no quorum"),
+            (exit::NOT_FOUND, "key not found"),
+            (exit::CAS_MISMATCH, "CAS mismatch"),
+            (exit::LEDGER_INVALID, "ledger invalid"),
+        ] {
+            assert!(
+                help.contains(&format!("{code} {what}")),
+                "{code} {what}: {help}"
+            );
+        }
+    }
+
+    #[test]
+    fn bench_counts_must_be_at_least_one() {
+        assert_eq!(at_least_one::<u64>("3"), Ok(3));
+        assert!(at_least_one::<u64>("0").is_err());
+        assert!(at_least_one::<usize>("x").is_err());
     }
 }

@@ -141,16 +141,21 @@ fn lock_data_dir(dir: &Path) -> Result<fs::File> {
 /// Every address the cluster's replicas will listen on (`(replica, address)`), checked
 /// free before any starts: otherwise a replica fails to bind while whatever holds the port
 /// (another cluster, say) answers the readiness and status probes in its name.
-fn check_ports_free(addrs: &[(u32, SocketAddr)], fresh: bool) -> Result<()> {
+fn check_ports_free(dir: &Path, addrs: &[(u32, SocketAddr)], fresh: bool) -> Result<()> {
     for (id, addr) in addrs {
         if let Err(e) = std::net::TcpListener::bind(addr) {
+            let advice = if fresh {
+                "pick other ports with --port, or stop it".to_string()
+            } else {
+                // Replicas outlive a `pbft up` killed with SIGKILL (Ctrl-C stops them).
+                format!(
+                    "stop it (this cluster's ports are fixed in its cluster.yaml; replicas left \
+                     running by an earlier `pbft up` that was killed: pkill -f {}/replica-)",
+                    dir.display()
+                )
+            };
             bail!(
-                "replica {id} cannot listen on {addr}: {e}. Something else holds that port (another cluster?); {}",
-                if fresh {
-                    "pick other ports with --port, or stop it"
-                } else {
-                    "stop it (this cluster's ports are fixed in its cluster.yaml)"
-                }
+                "replica {id} cannot listen on {addr}: {e}. Something else holds that port (another cluster?); {advice}"
             );
         }
     }
@@ -200,7 +205,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
                 }
             }
         }
-        check_ports_free(&addrs, true)?;
+        check_ports_free(&dir, &addrs, true)?;
     }
     let cluster = if !fresh {
         let c = ClusterFile::load(&dir)?;
@@ -223,7 +228,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
         c
     };
     if !fresh {
-        check_ports_free(&cluster_addrs(&cluster), false)?;
+        check_ports_free(&dir, &cluster_addrs(&cluster), false)?;
     }
     let bin = replica_binary(args.replica_bin.as_deref())?;
     let threads = runtime_threads(cluster.replicas.len());
