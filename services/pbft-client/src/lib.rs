@@ -19,7 +19,7 @@
 
 pub mod cli;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -371,6 +371,30 @@ enum Answer {
     Failed(u32, u64, tonic::Status),
 }
 
+/// The replicas that refused a request for good (malformed, say). A request fails only
+/// once f+1 different replicas have, so one of them is correct: a faulty replica that
+/// sends the same refusal again and again (it may fill a whole reply batch with them)
+/// counts once, and cannot fail a valid request on its own.
+struct Refusals {
+    by: BTreeSet<u32>,
+    needed: usize,
+}
+
+impl Refusals {
+    fn new(needed: usize) -> Self {
+        Refusals {
+            by: BTreeSet::new(),
+            needed,
+        }
+    }
+
+    /// Records `replica`'s refusal; whether f+1 different replicas have now refused.
+    fn add(&mut self, replica: u32) -> bool {
+        self.by.insert(replica);
+        self.by.len() >= self.needed
+    }
+}
+
 /// A broken link's status with the errors beneath it: tonic says "tcp connect error" and
 /// keeps "Connection refused (os error 111)" in its source chain, which is the useful part.
 fn status_detail(status: &tonic::Status) -> String {
@@ -544,7 +568,7 @@ impl Client {
         let deadline = tokio::time::Instant::now() + self.timeout;
         // The last thing each replica said or failed with: retries would repeat it.
         let mut errors: BTreeMap<u32, String> = BTreeMap::new();
-        let mut invalid = 0usize;
+        let mut refusals = Refusals::new(needed);
         let mut resent = vec![false; n];
         loop {
             let wake = retry_at.min(deadline);
@@ -584,11 +608,8 @@ impl Client {
                     errors.insert(replica, rejection.reason.clone());
                     // A malformed request stays malformed; an overloaded replica gets it
                     // again on the retry.
-                    if !rejection.retryable {
-                        invalid += 1;
-                        if invalid >= needed {
-                            return Err(ClientError::Rejected(rejection.reason));
-                        }
+                    if !rejection.retryable && refusals.add(replica) {
+                        return Err(ClientError::Rejected(rejection.reason));
                     }
                 }
                 Answer::Failed(replica, generation, status) => {
@@ -707,6 +728,18 @@ mod tests {
             timestamp,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_request_fails_only_when_f_plus_one_different_replicas_refuse_it() {
+        let mut refusals = Refusals::new(2);
+        assert!(!refusals.add(3));
+        assert!(
+            !refusals.add(3),
+            "one replica repeating itself is still one"
+        );
+        assert!(!refusals.add(3));
+        assert!(refusals.add(1));
     }
 
     #[test]
