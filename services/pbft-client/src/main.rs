@@ -88,10 +88,10 @@ enum Cmd {
         #[arg(long, default_value_t = 512)]
         payload: usize,
         /// Measured seconds.
-        #[arg(long, default_value_t = 10, value_parser = at_least_one::<u64>)]
+        #[arg(long, default_value_t = 10, value_parser = measured_seconds)]
         duration: u64,
         /// Warm-up seconds before measuring.
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, default_value_t = 2, value_parser = warmup_seconds)]
         warmup: u64,
         /// Also write the results as JSON here.
         #[arg(long)]
@@ -124,6 +124,29 @@ fn at_least_one<T: std::str::FromStr + PartialOrd + From<u8>>(s: &str) -> Result
         Ok(_) => Err("must be at least 1".into()),
         Err(_) => Err(format!("{s:?} is not a whole number")),
     }
+}
+
+/// The longest `--duration` or `--warmup`: a week (far larger values would overflow the
+/// clock arithmetic).
+const BENCH_SECONDS_MAX: u64 = 7 * 24 * 3600;
+
+fn measured_seconds(s: &str) -> Result<u64, String> {
+    let v = at_least_one::<u64>(s)?;
+    at_most_a_week(v)
+}
+
+fn warmup_seconds(s: &str) -> Result<u64, String> {
+    let v = s
+        .parse::<u64>()
+        .map_err(|_| format!("{s:?} is not a whole number"))?;
+    at_most_a_week(v)
+}
+
+fn at_most_a_week(v: u64) -> Result<u64, String> {
+    if v > BENCH_SECONDS_MAX {
+        return Err(format!("at most {BENCH_SECONDS_MAX} seconds (a week)"));
+    }
+    Ok(v)
 }
 
 fn main() {
@@ -234,5 +257,14 @@ mod tests {
         assert_eq!(at_least_one::<u64>("3"), Ok(3));
         assert!(at_least_one::<u64>("0").is_err());
         assert!(at_least_one::<usize>("x").is_err());
+    }
+
+    #[test]
+    fn bench_seconds_are_bounded() {
+        assert_eq!(measured_seconds("600"), Ok(600));
+        assert!(measured_seconds("0").is_err());
+        assert!(measured_seconds("18446744073709551615").is_err());
+        assert_eq!(warmup_seconds("0"), Ok(0));
+        assert!(warmup_seconds("604801").is_err());
     }
 }

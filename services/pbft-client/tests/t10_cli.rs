@@ -235,7 +235,7 @@ fn up_commands_exit_codes_and_resume() {
             "--duration",
             "1",
             "--warmup",
-            "0",
+            "1",
             "--payload",
             "64",
             "--unreplicated",
@@ -296,4 +296,14 @@ fn helpful_errors_without_a_cluster() {
     let o = run(dir.path(), &["keygen"]);
     assert!(o.status.success());
     assert!(text(&o).contains("public key"));
+    // Bad arguments exit 2 and say what is wrong, before anything else happens.
+    for (args, says) in [
+        (&["cas", "k", "v"][..], "--absent"),
+        (&["bench", "--concurrency", "0"][..], "at least 1"),
+        (&["bench", "--duration", "99999999999"][..], "a week"),
+    ] {
+        let o = run(dir.path(), args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", text(&o));
+        assert!(text(&o).contains(says), "{args:?}: {}", text(&o));
+    }
 }

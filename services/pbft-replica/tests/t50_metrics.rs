@@ -90,9 +90,16 @@ fn metrics_pass_promtool_and_status_is_complete() {
         "peers",
         "head_hash",
         "state_digest",
+        "executed_requests",
     ] {
         assert!(s.get(field).is_some(), "/status lacks {field}: {s}");
     }
+    // Twelve puts, each executed by every replica (replica 2 may have caught some up by
+    // sync, which executes them too).
+    assert!(
+        s["executed_requests"].as_u64().unwrap_or(0) >= 12,
+        "executed_requests: {s}"
+    );
     assert_eq!(s["id"], 2);
     assert_eq!(s["peers"].as_array().map(Vec::len), Some(3));
     assert!(s["stable_checkpoint"].as_u64().unwrap_or(0) >= 8);

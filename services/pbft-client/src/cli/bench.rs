@@ -84,9 +84,20 @@ impl Tally {
     /// with its latency since `since` (when it was sent, or due in the open loop). Requests
     /// still in flight when the window closes are not counted (at 1,024 in flight they
     /// added about half a percent to a 10-second run's throughput).
+    ///
+    /// The first failure's error is kept whenever it happens (in the warm-up, or after the
+    /// window for a request that timed out later), so that a run in which nothing
+    /// committed can still say why.
     async fn record<T>(&self, result: &Result<T, crate::ClientError>, since: Instant) {
         let now = Instant::now();
-        if now < self.from || now > self.until {
+        if let Err(e) = result {
+            let mut first = self
+                .first_error
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            first.get_or_insert_with(|| e.to_string());
+        }
+        if !self.in_window(now) {
             return;
         }
         match result {
@@ -95,15 +106,14 @@ impl Tally {
                 let micros = now.duration_since(since).as_micros().max(1) as u64;
                 let _ = self.hist.lock().await.record(micros);
             }
-            Err(e) => {
+            Err(_) => {
                 self.errors.fetch_add(1, Ordering::Relaxed);
-                let mut first = self
-                    .first_error
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner());
-                first.get_or_insert_with(|| e.to_string());
             }
         }
+    }
+
+    fn in_window(&self, t: Instant) -> bool {
+        self.from <= t && t <= self.until
     }
 }
 
@@ -124,6 +134,9 @@ pub async fn run_bench(
     // at a time, so rate / 10 of them keep up while latency stays under 100 ms. Rate / 50
     // ran out at 10,000/s as soon as latency passed 20 ms, and then about a tenth of the
     // offered requests were `missed` (never sent), which hid the queue they would have met.
+    if cluster.load_clients.is_empty() {
+        bail!("this cluster registers no load clients (load_clients in its cluster.yaml)");
+    }
     let clients_needed = match args.rate {
         Some(r) => ((r as usize) / 10).clamp(1, cluster.load_clients.len()),
         None => args.concurrency,
@@ -206,7 +219,7 @@ pub async fn run_bench(
                     due += interval;
                     let client = idle_rx.lock().await.try_recv();
                     let Ok(client) = client else {
-                        if scheduled >= measure_from {
+                        if tally.in_window(scheduled) {
                             missed.fetch_add(1, Ordering::Relaxed);
                         }
                         continue;
@@ -301,8 +314,9 @@ pub fn print_row(r: &BenchResult) {
         r.errors,
         r.missed
     );
-    if let Some(e) = &r.first_error {
-        println!("{:<14} first error: {e}", "");
+    // On stderr: scripts (and `make bench`) read the row as stdout's last line.
+    if let Some(e) = r.first_error.as_ref().filter(|_| r.committed > 0) {
+        eprintln!("{}: {} failed; the first: {e}", r.target, r.errors);
     }
 }
 
@@ -319,8 +333,17 @@ pub async fn run_unreplicated(
     std::fs::create_dir_all(&base)?;
     let r0 = cluster.replicas.first().context("empty cluster")?;
     let ip = r0.listen.ip();
-    let listen = format!("{ip}:{}", r0.listen.port() + 3);
-    let http: std::net::SocketAddr = format!("{ip}:{}", r0.listen.port() + 4).parse()?;
+    // The two ports after the cluster's own (base, base + 1, and base + 2 for TCP).
+    let port = |offset: u16| {
+        r0.listen.port().checked_add(offset).with_context(|| {
+            format!(
+                "the unreplicated baseline listens {offset} ports above {}, past the last port",
+                r0.listen
+            )
+        })
+    };
+    let listen = format!("{ip}:{}", port(3)?);
+    let http = std::net::SocketAddr::new(ip, port(4)?);
     let mut clients = String::new();
     for id in std::iter::once(cluster.client_id).chain(cluster.load_clients.iter().copied()) {
         let secret = cluster.client_secret(dir, id)?;
@@ -420,39 +443,43 @@ pub async fn bench(
     let target = format!("pbft n={} {}", cluster.replicas.len(), cluster.transport);
     let replicated = run_bench(dir, &cluster, cluster.client_addrs(), &target, &args).await?;
     print_row(&replicated);
-    nothing_committed(&replicated)?;
     let mut report = serde_json::json!({ "replicated": replicated });
-    if unreplicated {
+    // A run that committed nothing is still reported (with its first error) before the
+    // command fails, and the baseline is not measured against it.
+    let mut empty = nothing_committed(&replicated);
+    if unreplicated && empty.is_ok() {
         let bin = match replica_bin {
             Some(b) => b.to_path_buf(),
             None => std::env::current_exe()?.with_file_name("pbft-replica"),
         };
         let base = run_unreplicated(dir, &cluster, &bin, &args).await?;
         print_row(&base);
-        nothing_committed(&base)?;
-        let ratio = replicated.throughput_per_sec / base.throughput_per_sec.max(0.001);
-        println!("replicated / unreplicated throughput: {ratio:.2}");
+        empty = nothing_committed(&base);
+        if empty.is_ok() {
+            let ratio = replicated.throughput_per_sec / base.throughput_per_sec.max(0.001);
+            println!("replicated / unreplicated throughput: {ratio:.2}");
+            report["ratio"] = serde_json::json!(ratio);
+        }
         report["unreplicated"] = serde_json::to_value(&base)?;
-        report["ratio"] = serde_json::json!(ratio);
     }
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
-    Ok(())
+    empty
 }
 
 /// A run that committed nothing measured nothing: an error, with the reason, for scripts.
 fn nothing_committed(r: &BenchResult) -> Result<()> {
     if r.committed == 0 {
         bail!(
-            "{}: nothing committed in {:.0} s ({} failed{})",
+            "{}: nothing committed in the {:.0} s measured ({} failed in them{})",
             r.target,
             r.seconds,
             r.errors,
             r.first_error
                 .as_deref()
-                .map_or_else(String::new, |e| format!("; first error: {e}"))
+                .map_or_else(String::new, |e| format!("; the first failure: {e}"))
         );
     }
     Ok(())
@@ -460,7 +487,86 @@ fn nothing_committed(r: &BenchResult) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::keys_per_worker;
+    use super::*;
+
+    fn tally(from: Instant, until: Instant) -> Tally {
+        Tally {
+            hist: Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("hist")),
+            ok: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            first_error: std::sync::Mutex::new(None),
+            from,
+            until,
+        }
+    }
+
+    fn failure() -> Result<(), crate::ClientError> {
+        Err(crate::ClientError::Rejected("too large".into()))
+    }
+
+    #[tokio::test]
+    async fn only_what_finishes_inside_the_window_counts_but_any_failure_is_named() {
+        let now = Instant::now();
+        // A window that closed a second ago: nothing counts, the failure is still kept.
+        let past = tally(now - Duration::from_secs(2), now - Duration::from_secs(1));
+        past.record(&Ok::<(), crate::ClientError>(()), now).await;
+        past.record(&failure(), now).await;
+        assert_eq!(past.ok.load(Ordering::Relaxed), 0);
+        assert_eq!(past.errors.load(Ordering::Relaxed), 0);
+        let first = past.first_error.lock().expect("lock").clone();
+        assert!(first.is_some_and(|e| e.contains("too large")));
+        // An open window counts both, with the success's latency.
+        let open = tally(now - Duration::from_secs(1), now + Duration::from_secs(60));
+        open.record(
+            &Ok::<(), crate::ClientError>(()),
+            now - Duration::from_millis(5),
+        )
+        .await;
+        open.record(&failure(), now).await;
+        assert_eq!(open.ok.load(Ordering::Relaxed), 1);
+        assert_eq!(open.errors.load(Ordering::Relaxed), 1);
+        assert!(
+            open.hist.lock().await.max() >= 5_000,
+            "latency in microseconds"
+        );
+        assert!(open.in_window(now) && !open.in_window(now + Duration::from_secs(61)));
+    }
+
+    #[test]
+    fn a_run_that_committed_nothing_is_an_error_with_its_reason() {
+        let mut r = BenchResult {
+            target: "pbft n=4 grpc".into(),
+            mode: "closed loop, 1 in flight".into(),
+            payload_bytes: 2_000_000,
+            seconds: 2.0,
+            committed: 0,
+            errors: 4,
+            missed: 0,
+            throughput_per_sec: 0.0,
+            p50_ms: 0.0,
+            p90_ms: 0.0,
+            p99_ms: 0.0,
+            max_ms: 0.0,
+            first_error: Some("request too large".into()),
+        };
+        let e = nothing_committed(&r)
+            .expect_err("nothing committed")
+            .to_string();
+        assert!(
+            e.contains("nothing committed") && e.contains("request too large"),
+            "{e}"
+        );
+        r.committed = 1;
+        assert!(nothing_committed(&r).is_ok());
+        let json = serde_json::to_value(&r).expect("json");
+        assert_eq!(json["first_error"], "request too large");
+        r.first_error = None;
+        let json = serde_json::to_value(&r).expect("json");
+        assert!(
+            json.get("first_error").is_none(),
+            "left out when nothing failed"
+        );
+    }
 
     #[test]
     fn more_workers_share_a_fixed_key_space() {

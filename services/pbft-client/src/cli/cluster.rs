@@ -123,13 +123,15 @@ impl ClusterFile {
         self.replicas.iter().map(|r| r.client.to_string()).collect()
     }
 
-    /// Creates keys and configs for a new cluster of `n` replicas on 127.0.0.1..n.
     /// The addresses `generate` gives replica `i`: 127.0.0.(i+1) with its peer listener on
     /// `base_port`, its sidecar on the next port, and (TCP only) its client listener on the
     /// one after; [listen, http, client].
     pub fn loopback_addrs(i: usize, transport: &str, base_port: u16) -> Result<[SocketAddr; 3]> {
         let ports = if transport == "tcp" { 2 } else { 1 };
-        if base_port.checked_add(ports).is_none() || base_port == 0 {
+        if base_port == 0 {
+            bail!("--port 0 is not a port a cluster can be reached on; pick one, e.g. 7000");
+        }
+        if base_port.checked_add(ports).is_none() {
             bail!(
                 "--port {base_port} leaves no room for the {} ports each replica needs",
                 ports + 1
@@ -157,6 +159,7 @@ impl ClusterFile {
         Ok(())
     }
 
+    /// Creates keys and configs for a new cluster of `n` replicas on 127.0.0.1..n.
     pub fn generate(dir: &Path, n: usize, transport: &str, base_port: u16) -> Result<ClusterFile> {
         Self::check_size(n)?;
         let keys = dir.join("keys");

@@ -344,10 +344,12 @@ pub async fn up(args: UpArgs) -> Result<()> {
             .iter()
             .map(|r| http::status(r.http))
             .collect();
+        // Lag is measured against live replicas only (see the rows below).
         let top = statuses
             .iter()
-            .flatten()
-            .filter_map(|s| s["height"].as_u64())
+            .zip(&procs)
+            .filter(|(_, p)| p.child.is_some())
+            .filter_map(|(s, _)| s.as_ref()?["height"].as_u64())
             .max()
             .unwrap_or(0);
         let mut out = String::new();
