@@ -127,14 +127,20 @@ impl ClientCore {
         if voters.len() < need {
             return None;
         }
-        let max_view = p
+        // The view to send the next request's primary by: the (f+1)-th highest among the
+        // matching replies, which at least one correct replica has reached. The highest
+        // alone could be a faulty replica's invention (view k·n + its own id, k huge), which
+        // would send every later request to it, to be dropped, for good.
+        let mut views: Vec<View> = p
             .replies
             .values()
             .filter(|r| r.result == reply.result)
             .map(|r| r.view)
-            .max()
-            .unwrap_or(self.view_hint);
-        self.view_hint = self.view_hint.max(max_view);
+            .collect();
+        views.sort_unstable_by(|a, b| b.cmp(a));
+        if let Some(&vouched) = views.get(need - 1) {
+            self.view_hint = self.view_hint.max(vouched);
+        }
         let done = Completed {
             timestamp: reply.timestamp,
             result: reply.result,
@@ -217,6 +223,43 @@ mod tests {
         assert_eq!(done.result, good);
         assert_eq!(done.voters, vec![ReplicaId(0), ReplicaId(1)]);
         assert!(c.pending().is_none());
+    }
+
+    /// A faulty replica that reports a huge view in an otherwise correct reply must not
+    /// choose the primary of every later request (itself, to drop them); a view f+1
+    /// replicas report is followed.
+    #[test]
+    fn the_primary_follows_a_view_f_plus_one_replicas_report() {
+        let mut c = client();
+        let put = || Operation::Put {
+            key: b"k".to_vec(),
+            value: b"v".to_vec(),
+        };
+        let ts = c.submit(put()).expect("idle").request.timestamp;
+        let lie = Reply {
+            view: 1_000_000 * 4 + 3,
+            ..reply(3, ts, OpResult::Written)
+        };
+        assert!(c.on_reply(ReplicaId(3), lie).is_none());
+        c.on_reply(ReplicaId(1), reply(1, ts, OpResult::Written))
+            .expect("f+1 matching");
+        let next = c.submit(put()).expect("idle");
+        assert_eq!(
+            next.to,
+            Target::Replica(ReplicaId(0)),
+            "still view 0's primary"
+        );
+        // Two replicas in view 5: its primary, replica 1, is where requests go now.
+        let ts = next.request.timestamp;
+        for from in [2, 3] {
+            let moved = Reply {
+                view: 5,
+                ..reply(from, ts, OpResult::Written)
+            };
+            let _ = c.on_reply(ReplicaId(from), moved);
+        }
+        let after = c.submit(put()).expect("idle");
+        assert_eq!(after.to, Target::Replica(ReplicaId(1)));
     }
 
     #[test]
