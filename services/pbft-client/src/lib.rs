@@ -164,11 +164,32 @@ type Inboxes = Arc<Mutex<HashMap<u64, Inbox>>>;
 /// One client's entry in the shared inboxes.
 struct Inbox {
     tx: mpsc::UnboundedSender<Answer>,
-    /// The timestamp of the client's last completed request. Replies and rejections for it
-    /// or an earlier one are dropped where they arrive: every replica answers, the client
-    /// completes on the first f + 1 matching replies, and handing it the rest woke its task
-    /// for nothing, about two wake-ups per request under load.
-    completed: Arc<AtomicU64>,
+    /// The timestamp of the client's request in flight, 0 while it has none. Only answers
+    /// for that request reach the inbox; the rest are dropped where they arrive:
+    /// - late ones, for a request already completed: every replica answers, the client
+    ///   completes on the first f + 1 matching replies, and handing it the rest woke its
+    ///   task for nothing, about two wake-ups per request under load;
+    /// - any for an idle client, or for a timestamp it never sent: a faulty replica sees
+    ///   every client id on a shared stream and could otherwise fill the (unbounded) inbox
+    ///   of every client that is not reading it.
+    pending: Arc<AtomicU64>,
+}
+
+/// Marks a client's request as in flight for [`dispatch`] until dropped, whichever way
+/// `execute` returns (or is cancelled).
+struct InFlight<'a>(&'a AtomicU64);
+
+impl<'a> InFlight<'a> {
+    fn start(pending: &'a AtomicU64, timestamp: u64) -> Self {
+        pending.store(timestamp, Ordering::Relaxed);
+        InFlight(pending)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.store(0, Ordering::Relaxed);
+    }
 }
 
 /// The clients of one [`Connections`] share one `SubmitBatches` stream per replica: the
@@ -269,10 +290,16 @@ impl Mux {
                     }
                 }
             };
+            // Only clients with a request in flight hear of it (and resend at once); an
+            // idle one finds the stream gone when it next sends (`Client::knows` compares
+            // generations), so a replica that keeps closing its stream cannot pile up
+            // failures in idle clients' inboxes.
             for inbox in lock(&inboxes).values() {
-                let _ = inbox
-                    .tx
-                    .send(Answer::Failed(replica, generation, status.clone()));
+                if inbox.pending.load(Ordering::Relaxed) != 0 {
+                    let _ = inbox
+                        .tx
+                        .send(Answer::Failed(replica, generation, status.clone()));
+                }
             }
         });
         Link { tx, generation }
@@ -303,14 +330,15 @@ fn request_batches(
     })
 }
 
-/// Hands each reply and rejection in `batch` to its client's inbox, except late ones: those
-/// for a request their client has already completed are dropped here.
+/// Hands each reply and rejection in `batch` to its client's inbox if it answers the
+/// request that client has in flight; drops the rest here (see [`Inbox::pending`]).
 fn dispatch(inboxes: &Inboxes, replica: u32, batch: pb::ReplyBatch) {
     let inboxes = lock(inboxes);
     let open = |client: u64, timestamp: u64| {
-        inboxes
-            .get(&client)
-            .filter(|inbox| timestamp > inbox.completed.load(Ordering::Relaxed))
+        inboxes.get(&client).filter(|inbox| {
+            let pending = inbox.pending.load(Ordering::Relaxed);
+            pending != 0 && timestamp == pending
+        })
     };
     for reply in batch.replies {
         if let Some(inbox) = open(reply.client_id, reply.timestamp) {
@@ -335,8 +363,8 @@ pub struct Client {
     retry_after: Duration,
     /// Our entry in the shared inboxes, to remove on drop.
     inbox_tx: mpsc::UnboundedSender<Answer>,
-    /// Shared with our entry: the timestamp of our last completed request.
-    completed: Arc<AtomicU64>,
+    /// Shared with our entry: the timestamp of our request in flight (0: none).
+    pending: Arc<AtomicU64>,
     /// Held for the whole of a request.
     session: tokio::sync::Mutex<Session>,
 }
@@ -452,12 +480,12 @@ impl Client {
             now_ns(),
         );
         let (inbox_tx, inbox) = mpsc::unbounded_channel();
-        let completed = Arc::new(AtomicU64::new(0));
+        let pending = Arc::new(AtomicU64::new(0));
         lock(&mux.inboxes).insert(
             opts.client_id,
             Inbox {
                 tx: inbox_tx.clone(),
-                completed: completed.clone(),
+                pending: pending.clone(),
             },
         );
         Client {
@@ -467,7 +495,7 @@ impl Client {
             timeout: opts.timeout,
             retry_after: opts.retry_after,
             inbox_tx,
-            completed,
+            pending,
             session: tokio::sync::Mutex::new(Session {
                 known: vec![0; n],
                 requests: 0,
@@ -537,6 +565,8 @@ impl Client {
                 self.drop_link(&mut session, replica as usize, generation);
             }
         }
+        // From here until we return, answers for this request reach our inbox.
+        let _in_flight = InFlight::start(&self.pending, pb_req.timestamp);
         let n = self.mux.replicas.len();
         // The primary alone once n - f replicas know our stream (the backups among them
         // then push their replies to it); every replica otherwise.
@@ -593,7 +623,6 @@ impl Client {
                     Ok(reply) => {
                         let mut core = self.core.lock().unwrap_or_else(|e| e.into_inner());
                         if let Some(done) = core.on_reply(ReplicaId(replica), reply) {
-                            self.completed.store(done.timestamp, Ordering::Relaxed);
                             return Ok(done.result);
                         }
                     }
@@ -755,38 +784,53 @@ mod tests {
         );
     }
 
-    /// Answers reach their client's inbox until the client completes that request; later
-    /// ones for it, or for an earlier one, never wake the client.
+    /// Only answers for the request a client has in flight reach its inbox: none while it
+    /// is idle (a faulty replica could otherwise fill it), none for another timestamp, and
+    /// none once the request is done.
     #[test]
-    fn answers_for_completed_requests_are_dropped_where_they_arrive() {
+    fn only_answers_for_the_request_in_flight_reach_the_inbox() {
         let inboxes: Inboxes = Arc::default();
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let completed = Arc::new(AtomicU64::new(0));
+        let pending = Arc::new(AtomicU64::new(0));
         lock(&inboxes).insert(
             7,
             Inbox {
                 tx,
-                completed: completed.clone(),
+                pending: pending.clone(),
             },
         );
         let batch = |replies, rejections| pb::ReplyBatch {
             replies,
             rejections,
         };
-        dispatch(&inboxes, 1, batch(vec![reply(7, 5), reply(8, 5)], vec![]));
-        assert!(matches!(rx.try_recv(), Ok(Answer::Reply(1, r)) if r.timestamp == 5));
-        assert!(rx.try_recv().is_err(), "client 8 has no inbox here");
-
-        completed.store(5, Ordering::Relaxed);
+        // Idle: a flood of answers for any timestamp is dropped.
         dispatch(
             &inboxes,
-            2,
-            batch(vec![reply(7, 5), reply(7, 4)], vec![rejection(7, 5)]),
+            1,
+            batch(vec![reply(7, 5), reply(7, u64::MAX)], vec![rejection(7, 6)]),
         );
-        assert!(rx.try_recv().is_err(), "answers for request 5 or before");
+        assert!(rx.try_recv().is_err(), "nothing reaches an idle client");
 
-        dispatch(&inboxes, 3, batch(vec![reply(7, 6)], vec![rejection(7, 6)]));
-        assert!(matches!(rx.try_recv(), Ok(Answer::Reply(3, r)) if r.timestamp == 6));
-        assert!(matches!(rx.try_recv(), Ok(Answer::Rejected(3, r)) if r.timestamp == 6));
+        {
+            let _in_flight = InFlight::start(&pending, 5);
+            dispatch(
+                &inboxes,
+                2,
+                batch(
+                    vec![reply(7, 5), reply(8, 5), reply(7, 4), reply(7, 6)],
+                    vec![rejection(7, 5)],
+                ),
+            );
+            assert!(matches!(rx.try_recv(), Ok(Answer::Reply(2, r)) if r.timestamp == 5));
+            assert!(matches!(rx.try_recv(), Ok(Answer::Rejected(2, r)) if r.timestamp == 5));
+            assert!(
+                rx.try_recv().is_err(),
+                "other clients and timestamps stay out"
+            );
+        }
+        // Done (the guard dropped): late answers for request 5 are dropped.
+        dispatch(&inboxes, 3, batch(vec![reply(7, 5)], vec![rejection(7, 5)]));
+        assert!(rx.try_recv().is_err(), "late answers are dropped");
+        assert_eq!(pending.load(Ordering::Relaxed), 0);
     }
 }
