@@ -331,6 +331,11 @@ pub async fn up(args: UpArgs) -> Result<()> {
     let began = Instant::now();
     while !stop.load(Ordering::Relaxed) && args.duration.is_none_or(|d| began.elapsed() < d) {
         tick.tick().await;
+        // Ctrl-C reaches the replicas too (one process group): no last frame of them
+        // stopping, just the stop below.
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
         for p in &mut procs {
             if let Some(c) = p.child.as_mut()
                 && let Ok(Some(st)) = c.try_wait()
