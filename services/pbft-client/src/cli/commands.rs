@@ -163,9 +163,7 @@ pub fn status(dir: &Path, out: OutputFormat) -> Result<Outcome> {
             let lag = s["height"]
                 .as_u64()
                 .map_or_else(|| "-".into(), |h| top.saturating_sub(h).to_string());
-            let peers = s["peers"]
-                .as_array()
-                .map_or(0, |a| a.iter().filter(|p| p["connected"] == true).count());
+            let peers = table::connected_peers(s);
             let state = if s["view_change_in_progress"] == true {
                 "view change"
             } else {

@@ -49,6 +49,13 @@ pub fn replica(v: &Value) -> String {
     v.as_u64().map_or_else(|| "-".into(), |n| format!("r{n}"))
 }
 
+/// How many of the peers in a replica's `/status` document it is connected to.
+pub fn connected_peers(status: &Value) -> usize {
+    status["peers"]
+        .as_array()
+        .map_or(0, |a| a.iter().filter(|p| p["connected"] == true).count())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,5 +124,8 @@ mod tests {
         assert_eq!(number(&s["nothing"]), "-");
         assert_eq!(number(&s["absent"]), "-");
         assert_eq!(replica(&json!("x")), "-");
+        let peers = json!({"peers": [{"connected": true}, {"connected": false}, {}]});
+        assert_eq!(connected_peers(&peers), 1);
+        assert_eq!(connected_peers(&json!({})), 0);
     }
 }

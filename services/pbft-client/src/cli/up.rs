@@ -138,41 +138,41 @@ fn lock_data_dir(dir: &Path) -> Result<fs::File> {
     Ok(file)
 }
 
-/// Every address the cluster's replicas will listen on (`(replica, address)`), checked
-/// free before any starts: otherwise a replica fails to bind while whatever holds the port
-/// (another cluster, say) answers the readiness and status probes in its name.
-fn check_ports_free(dir: &Path, addrs: &[(u32, SocketAddr)], fresh: bool) -> Result<()> {
-    for (id, addr) in addrs {
-        if let Err(e) = std::net::TcpListener::bind(addr) {
-            let advice = if fresh {
-                "pick other ports with --port, or stop it".to_string()
-            } else {
-                // Replicas outlive a `pbft up` killed with SIGKILL (Ctrl-C stops them).
-                format!(
-                    "stop it (this cluster's ports are fixed in its cluster.yaml; replicas left \
-                     running by an earlier `pbft up` that was killed: pkill -f {}/replica-)",
-                    dir.display()
-                )
-            };
-            bail!(
-                "replica {id} cannot listen on {addr}: {e}. Something else holds that port (another cluster?); {advice}"
-            );
-        }
-    }
-    Ok(())
-}
-
-/// The addresses `check_ports_free` checks for an existing cluster.
-fn cluster_addrs(cluster: &ClusterFile) -> Vec<(u32, SocketAddr)> {
-    let mut out = Vec::new();
-    for r in &cluster.replicas {
-        for addr in [r.listen, r.http, r.client] {
-            if !out.contains(&(r.id, addr)) {
-                out.push((r.id, addr));
+/// Every address the cluster's replicas will listen on (`(replica, [listen, http,
+/// client])`), checked free before any starts: otherwise a replica fails to bind while
+/// whatever holds the port (another cluster, say) answers the readiness and status probes
+/// in its name.
+fn check_ports_free(
+    dir: &Path,
+    replicas: impl IntoIterator<Item = (u32, [SocketAddr; 3])>,
+    fresh: bool,
+) -> Result<()> {
+    for (id, addrs) in replicas {
+        // Over gRPC the client API shares the peer listener.
+        let mut checked = Vec::with_capacity(3);
+        for addr in addrs {
+            if checked.contains(&addr) {
+                continue;
+            }
+            checked.push(addr);
+            if let Err(e) = std::net::TcpListener::bind(addr) {
+                let advice = if fresh {
+                    "pick other ports with --port, or stop it".to_string()
+                } else {
+                    // Replicas outlive a `pbft up` killed with SIGKILL (Ctrl-C stops them).
+                    format!(
+                        "stop it (this cluster's ports are fixed in its cluster.yaml; replicas left \
+                         running by an earlier `pbft up` that was killed: pkill -f {}/replica-)",
+                        dir.display()
+                    )
+                };
+                bail!(
+                    "replica {id} cannot listen on {addr}: {e}. Something else holds that port (another cluster?); {advice}"
+                );
             }
         }
     }
-    out
+    Ok(())
 }
 
 /// Requests committed per second between two readings of a replica's executed-request
@@ -197,15 +197,13 @@ pub async fn up(args: UpArgs) -> Result<()> {
     // Checked before a new cluster's files are written: they fix its ports for good.
     if fresh {
         ClusterFile::check_size(args.replicas)?;
-        let mut addrs = Vec::new();
-        for i in 0..args.replicas {
-            for addr in ClusterFile::loopback_addrs(i, &args.transport, args.base_port)? {
-                if !addrs.contains(&(i as u32, addr)) {
-                    addrs.push((i as u32, addr));
-                }
-            }
-        }
-        check_ports_free(&dir, &addrs, true)?;
+        let planned = (0..args.replicas)
+            .map(|i| {
+                let addrs = ClusterFile::loopback_addrs(i, &args.transport, args.base_port)?;
+                Ok((i as u32, addrs))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        check_ports_free(&dir, planned, true)?;
     }
     let cluster = if !fresh {
         let c = ClusterFile::load(&dir)?;
@@ -228,7 +226,12 @@ pub async fn up(args: UpArgs) -> Result<()> {
         c
     };
     if !fresh {
-        check_ports_free(&dir, &cluster_addrs(&cluster), false)?;
+        let replicas = cluster.replicas.iter();
+        check_ports_free(
+            &dir,
+            replicas.map(|r| (r.id, [r.listen, r.http, r.client])),
+            false,
+        )?;
     }
     let bin = replica_binary(args.replica_bin.as_deref())?;
     let threads = runtime_threads(cluster.replicas.len());
@@ -390,9 +393,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
                     let count = s["executed_requests"].as_u64().map(|c| (c, Instant::now()));
                     let rate = commits_per_second(last_counts[i], count);
                     last_counts[i] = count;
-                    let peers = s["peers"]
-                        .as_array()
-                        .map_or(0, |a| a.iter().filter(|p| p["connected"] == true).count());
+                    let peers = table::connected_peers(s);
                     let state = if s["view_change_in_progress"] == true {
                         "vchange"
                     } else {
