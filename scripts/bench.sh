@@ -16,7 +16,13 @@ OUT=target/bench
 mkdir -p "$OUT"
 # The commit measured, so a report regenerated later (new notes) still names it.
 git rev-parse --short HEAD > "$OUT/commit"
-rm -rf "$OUT"/n*
+# Nothing from an earlier run may show up in this one's report (a skipped soak included).
+rm -rf "$OUT"/n* "$OUT"/soak* "$OUT"/hwm_reset_failed
+# The parameters this run used, for the report's "command" line.
+cat >"$OUT/params.json" <<EOF
+{"duration": $DURATION, "warmup": $WARMUP, "concurrency": $CONCURRENCY, "repeats": $REPEATS,
+ "soak_seconds": ${SOAK_SECONDS:-600}, "soak_rate": ${SOAK_RATE:-500}, "soak_sample": ${SAMPLE:-10}}
+EOF
 cargo build --release -q -p pbft-replica -p pbft-client
 cargo run --release -q -p pbft-core --example crypto_cost -- --json "$OUT/crypto.json"
 PBFT=target/release/pbft
@@ -25,10 +31,13 @@ PORT=21000
 # Peak resident memory of each run: every replica's VmHWM is reset before a run (writing 5
 # to /proc/<pid>/clear_refs) and read after it, so a row's peak is that run's, not one left
 # by the runs before it on the same cluster. Where the reset is refused, a row's figure is
-# the peak so far, an upper bound. A cluster's peak is the largest of its rows'.
+# the peak so far, an upper bound (the report says so). A cluster's peak is the largest of
+# its rows'.
 replica_pids() { pgrep -f "$1/replica-[0-9]*.yaml" || true; }
 reset_peaks() {
-    for pid in $(replica_pids "$1"); do echo 5 2>/dev/null >"/proc/$pid/clear_refs" || true; done
+    for pid in $(replica_pids "$1"); do
+        echo 5 2>/dev/null >"/proc/$pid/clear_refs" || echo "$pid" >>"$OUT/hwm_reset_failed"
+    done
 }
 read_peak() {
     for pid in $(replica_pids "$1"); do awk '/VmHWM/ {print $2}' "/proc/$pid/status"; done |

@@ -46,10 +46,17 @@ def peak_mib(json_path):
         return "-"
 
 
-def row(r, peak="-"):
+def row(r, peak="-", ratio="-"):
+    # `late` was `missed` before open-loop requests waited for a free client.
+    late = r.get("late", r.get("missed", 0))
     return (f"| {r['target']} | {r['mode']} | {r['payload_bytes']} | {r['throughput_per_sec']:.0f} "
             f"| {r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {r['p99_ms']:.1f} | {r['max_ms']:.1f} "
-            f"| {r['errors']} | {r.get('missed', 0)} | {peak} |")
+            f"| {r['errors']} | {late} | {ratio} | {peak} |")
+
+
+params = load("params.json") or {}
+duration, warmup = params.get("duration", 10), params.get("warmup", 2)
+concurrency, repeats = params.get("concurrency", 64), params.get("repeats", 3)
 
 
 print("# Benchmarks\n")
@@ -60,12 +67,16 @@ commit_file = os.path.join(out, "commit")
 commit = (open(commit_file).read().strip() if os.path.exists(commit_file) else
           subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip())
 print(f"- commit: {commit}; release build; requests are signed (ed25519), ordered, executed and fsync'd")
-print("- command: `make bench` (closed loop with 64 requests in flight unless the row says 256 or 1024, "
-      "one shared set of connections for all load clients; 2 s warm-up, 10 s measured; "
-      "the 1,024-in-flight and 10,000/s rows: the median of their runs, listed below the table)\n")
-print("| cluster | load | payload B | committed/s | p50 ms | p90 ms | p99 ms | max ms | errors | missed "
-      "| peak MiB |")
-print("|---|---|---|---|---|---|---|---|---|---|---|")
+overrides = " ".join(f"{k.upper()}={params[k]}" for k in ("duration", "warmup", "concurrency", "repeats")
+                     if k in params and params[k] != {"duration": 10, "warmup": 2, "concurrency": 64,
+                                                      "repeats": 3}[k])
+print(f"- command: `{overrides + ' ' if overrides else ''}make bench` (closed loop with {concurrency} "
+      "requests in flight unless the row says 256 or 1024, one shared set of connections for all load "
+      f"clients; {warmup} s warm-up, {duration} s measured; the 1,024-in-flight and 10,000/s rows: the "
+      f"median of {repeats} runs, listed below the table)\n")
+print("| cluster | load | payload B | committed/s | p50 ms | p90 ms | p99 ms | max ms | errors | late "
+      "| ratio | peak MiB |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def median_run(paths):
@@ -89,18 +100,40 @@ for name in glob.glob(os.path.join(out, "n*-*.json")):
     groups.setdefault(row_name, []).append((run, name))
 groups = {row_name: [name for _, name in sorted(runs)] for row_name, runs in groups.items()}
 repeated = {row_name: paths for row_name, paths in groups.items() if len(paths) > 1}
+medians = {row_name: median_run(paths) for row_name, paths in groups.items()}
+# The unreplicated baseline of each (payload, load), from the row that measured it (n = 4,
+# gRPC): rows of other clusters with the same payload and load are compared with it.
+baselines = {}
+for _, data in medians.values():
+    b = data.get("unreplicated")
+    if b and b.get("committed"):
+        baselines.setdefault((b["payload_bytes"], b["mode"]), b)
 ratio = None
 for row_name in sorted(groups):
-    name, data = median_run(groups[row_name])
-    print(row(data["replicated"], peak_mib(name)))
+    name, data = medians[row_name]
+    r = data["replicated"]
+    base = baselines.get((r["payload_bytes"], r["mode"]))
+    if "ratio" in data:
+        cell = f"{data['ratio']:.2f}"
+    elif base:
+        cell = f"{r['throughput_per_sec'] / base['throughput_per_sec']:.2f}*"
+    else:
+        cell = "-"
+    print(row(r, peak_mib(name), cell))
     if "unreplicated" in data:
         print(row(data["unreplicated"]))
-        ratio = ratio or []
-        ratio.append((f"{data['replicated']['payload_bytes']} B, {data['replicated']['mode']}",
-                      data["ratio"]))
+        if "ratio" in data:
+            ratio = ratio or []
+            ratio.append((f"{r['payload_bytes']} B, {r['mode']}", data["ratio"]))
+print()
+print("`ratio`: committed/s over the unreplicated baseline's (one server executing the same "
+      "signed requests with no consensus: it checks their signatures in batches, executes them "
+      "and appends and fsyncs a block per batch, like a replica, and serves the same client API). "
+      "Without a mark, the baseline ran right after that row, on the same workload; `*`: the "
+      "baseline measured with the same payload and load by the n = 4 gRPC row in this run.")
 print()
 if ratio:
-    print("Replicated / unreplicated throughput, measured in the same run (n = 4, gRPC):",
+    print("Replicated / unreplicated throughput, each measured right after the other (n = 4, gRPC):",
           "; ".join(f"{p}: {r:.2f}" for p, r in ratio))
     print()
 if repeated:
@@ -125,8 +158,11 @@ if repeated:
               f"| {med([d['replicated']['p50_ms'] for d in runs]):.1f} "
               f"| {med([d['replicated']['p99_ms'] for d in runs]):.1f} | {ratio_cell} |")
     print()
-print("`peak MiB`: the largest replica's peak resident memory (VmHWM) during that run, reset "
-      "before each run; the unreplicated baseline's is not measured. Each cluster's peak over "
+reset_failed = os.path.exists(os.path.join(out, "hwm_reset_failed"))
+print("`peak MiB`: the largest replica's peak resident memory (VmHWM) during that run, "
+      + ("NOT reset before each run here (the kernel refused), so the peak since the replica "
+         "started, an upper bound" if reset_failed else "reset before each run")
+      + "; the unreplicated baseline's is not measured. Each cluster's peak over "
       "all its runs:\n")
 for name in sorted(glob.glob(os.path.join(out, "*.rss_kb"))):
     kb = open(name).read().strip()
@@ -159,8 +195,10 @@ def soak_section():
         r = bench["replicated"]
         load_desc = (f" {r['throughput_per_sec']:.0f} committed/s of 512 B requests, "
                      f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, {r['errors']} errors;")
-    print(f"`scripts/soak_memory.sh`: n = 4, gRPC, open loop for {seconds} s;{load_desc} resident set "
-          "(VmRSS) of each replica sampled every 10 s.\n")
+    sample = params.get("soak_sample", 10)
+    rate = params.get("soak_rate", 500)
+    print(f"`scripts/soak_memory.sh`: n = 4, gRPC, open loop at {rate}/s for {seconds} s (5 s of it "
+          f"warm-up);{load_desc} resident set (VmRSS) of each replica sampled every {sample} s.\n")
     minutes = list(range(0, seconds // 60 + 1))
     print("| replica | " + " | ".join(f"{m} min" for m in minutes)
           + " | second half growth | peak (VmHWM) |")

@@ -36,6 +36,7 @@ start=$(date +%s)
 while kill -0 "$bench" 2>/dev/null; do
     now=$(( $(date +%s) - start ))
     for i in 0 1 2 3; do
+        # A replica that exited has no samples from then on (and the report shows fewer).
         rss=$(awk '/VmRSS/ {print $2}' "/proc/${pids[$i]}/status" 2>/dev/null || echo "")
         [ -n "$rss" ] && echo "$now,$i,$rss" >>"$OUT/soak_rss.csv"
     done
@@ -43,7 +44,7 @@ while kill -0 "$bench" 2>/dev/null; do
 done
 wait "$bench"
 for i in 0 1 2 3; do
-    awk -v i="$i" '/VmHWM/ {print i "," $2}' "/proc/${pids[$i]}/status"
+    awk -v i="$i" '/VmHWM/ {print i "," $2}' "/proc/${pids[$i]}/status" 2>/dev/null || true
 done >"$OUT/soak_hwm.csv"
 du -sk "$dir/data-0" | cut -f1 >"$OUT/soak_disk_kb"
 tail -3 "$OUT/soak_bench.log"
