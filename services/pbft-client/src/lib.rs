@@ -99,6 +99,29 @@ impl Default for ClientOptions {
     }
 }
 
+/// A replica's gRPC endpoint, over TLS when `tls` is given (the CA and server name of
+/// `ClientOptions::tls`).
+pub fn replica_endpoint(addr: &str, tls: Option<&ClientTls>) -> Result<Endpoint, ClientError> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
+        .map_err(|e| ClientError::Address {
+            addr: addr.to_string(),
+            detail: e.to_string(),
+        })?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true);
+    if let Some(tls) = tls {
+        let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&tls.ca_pem));
+        if let Some(name) = &tls.server_name {
+            config = config.domain_name(name.clone());
+        }
+        endpoint = endpoint
+            .tls_config(config)
+            .map_err(|e| ClientError::Tls(e.to_string()))?;
+    }
+    Ok(endpoint)
+}
+
 /// Lazily opened connections to every replica, cheap to clone and share between clients.
 #[derive(Clone)]
 pub struct Connections {
@@ -116,24 +139,7 @@ impl Connections {
         }
         let mut replicas = Vec::with_capacity(n);
         for addr in &opts.replicas {
-            let scheme = if opts.tls.is_some() { "https" } else { "http" };
-            let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
-                .map_err(|e| ClientError::Address {
-                    addr: addr.clone(),
-                    detail: e.to_string(),
-                })?
-                .connect_timeout(Duration::from_secs(2))
-                .tcp_nodelay(true);
-            if let Some(tls) = &opts.tls {
-                let mut config =
-                    ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&tls.ca_pem));
-                if let Some(name) = &tls.server_name {
-                    config = config.domain_name(name.clone());
-                }
-                endpoint = endpoint
-                    .tls_config(config)
-                    .map_err(|e| ClientError::Tls(e.to_string()))?;
-            }
+            let endpoint = replica_endpoint(addr, opts.tls.as_ref())?;
             let channel = endpoint.connect_lazy();
             replicas.push(
                 ClientServiceClient::new(channel)

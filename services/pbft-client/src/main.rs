@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use pbft_client::cli::cluster::ClusterFile;
 use pbft_client::cli::{OutputFormat, bench, commands, exit, up};
 
 /// mimalloc instead of glibc's malloc: allocation and freeing were 7-9 % of a loaded
@@ -28,8 +29,9 @@ struct Cli {
     /// How results are printed.
     #[arg(long, global = true, value_enum, default_value = "table")]
     output: OutputFormat,
-    /// How long one request may take, in seconds.
-    #[arg(long, global = true, default_value_t = 10)]
+    /// How long one request may take, in seconds (put/get/del/cas, each `bench` request,
+    /// each step of `verify-ledger`).
+    #[arg(long, global = true, default_value_t = 10, value_parser = timeout_seconds)]
     timeout: u64,
     #[command(subcommand)]
     command: Cmd,
@@ -39,13 +41,16 @@ struct Cli {
 enum Cmd {
     /// Start a local cluster (keys and config generated on first run) with a live status view.
     Up {
-        #[arg(long, default_value_t = 4)]
-        replicas: usize,
-        #[arg(long, default_value = "grpc", value_parser = ["grpc", "tcp"])]
-        transport: String,
-        /// First port; replica i listens on 127.0.0.(i+1):PORT, its sidecar on PORT+1.
-        #[arg(long, default_value_t = 7000)]
-        port: u16,
+        /// Replicas of a new cluster, 3f+1 [default: 4].
+        #[arg(long, value_parser = cluster_size)]
+        replicas: Option<usize>,
+        /// Transport between a new cluster's replicas [default: grpc].
+        #[arg(long, value_parser = ["grpc", "tcp"])]
+        transport: Option<String>,
+        /// First port of a new cluster [default: 7000]: replica i listens on
+        /// 127.0.0.(i+1):PORT, its sidecar on PORT+1, its TCP client API (tcp) on PORT+2.
+        #[arg(long, value_parser = first_port)]
+        port: Option<u16>,
         /// Demo load in requests per second (0 for none).
         #[arg(long, default_value_t = 0)]
         load: u64,
@@ -82,10 +87,10 @@ enum Cmd {
         #[arg(long, default_value_t = 16, value_parser = at_least_one::<usize>)]
         concurrency: usize,
         /// Open loop: offered requests per second (instead of closed loop).
-        #[arg(long, value_parser = at_least_one::<u64>)]
+        #[arg(long, value_parser = offered_rate, conflicts_with = "concurrency")]
         rate: Option<u64>,
         /// Value size in bytes.
-        #[arg(long, default_value_t = 512)]
+        #[arg(long, default_value_t = 512, value_parser = payload_bytes)]
         payload: usize,
         /// Measured seconds.
         #[arg(long, default_value_t = 10, value_parser = measured_seconds)]
@@ -149,6 +154,59 @@ fn at_most_a_week(v: u64) -> Result<u64, String> {
     Ok(v)
 }
 
+fn cluster_size(s: &str) -> Result<usize, String> {
+    let n = s
+        .parse::<usize>()
+        .map_err(|_| format!("{s:?} is not a whole number"))?;
+    ClusterFile::check_size(n).map_err(|e| e.to_string())?;
+    Ok(n)
+}
+
+/// A first port with room for the two above it (sidecar, TCP client API).
+fn first_port(s: &str) -> Result<u16, String> {
+    match s.parse::<u16>() {
+        Ok(p) if (1..=u16::MAX - 2).contains(&p) => Ok(p),
+        _ => Err(format!("must be a port from 1 to {}", u16::MAX - 2)),
+    }
+}
+
+/// The longest `--timeout`: a day.
+const TIMEOUT_SECONDS_MAX: u64 = 24 * 3600;
+
+fn timeout_seconds(s: &str) -> Result<u64, String> {
+    let v = at_least_one::<u64>(s)?;
+    if v > TIMEOUT_SECONDS_MAX {
+        return Err(format!("at most {TIMEOUT_SECONDS_MAX} seconds (a day)"));
+    }
+    Ok(v)
+}
+
+/// The largest `bench --payload`: a request must fit in one message (the replicas' own
+/// `max_request_bytes`, 64 KiB by default, refuses most below this anyway).
+const PAYLOAD_BYTES_MAX: usize = 16 << 20;
+
+fn payload_bytes(s: &str) -> Result<usize, String> {
+    let v = s
+        .parse::<usize>()
+        .map_err(|_| format!("{s:?} is not a whole number"))?;
+    if v > PAYLOAD_BYTES_MAX {
+        return Err(format!("at most {PAYLOAD_BYTES_MAX} bytes (16 MiB)"));
+    }
+    Ok(v)
+}
+
+/// The highest `bench --rate`: one request per microsecond, far past what one load
+/// generator sends (a higher rate would round the interval between requests to zero).
+const RATE_MAX: u64 = 1_000_000;
+
+fn offered_rate(s: &str) -> Result<u64, String> {
+    let v = at_least_one::<u64>(s)?;
+    if v > RATE_MAX {
+        return Err(format!("at most {RATE_MAX} requests per second"));
+    }
+    Ok(v)
+}
+
 fn main() {
     let cli = Cli::parse();
     let rt = match tokio::runtime::Runtime::new() {
@@ -158,7 +216,7 @@ fn main() {
             std::process::exit(exit::ERROR);
         }
     };
-    let timeout = Duration::from_secs(cli.timeout.max(1));
+    let timeout = Duration::from_secs(cli.timeout);
     let (data, out) = (&cli.data, cli.output);
     let result = rt.block_on(async {
         match &cli.command {
@@ -207,14 +265,17 @@ fn main() {
                     duration: Duration::from_secs(*duration),
                     warmup: Duration::from_secs(*warmup),
                     json: json.clone(),
-                    quiet: false,
+                    timeout,
+                    quiet: out == OutputFormat::Json,
                 };
-                bench::bench(data, args, *unreplicated, replica_bin.as_deref())
+                bench::bench(data, args, out, *unreplicated, replica_bin.as_deref())
                     .await
                     .map(|()| commands::Outcome { code: exit::OK })
             }
             Cmd::Keygen { out: file } => commands::keygen(file.as_deref(), out),
-            Cmd::VerifyLedger { replica } => commands::verify_ledger(data, *replica, out).await,
+            Cmd::VerifyLedger { replica } => {
+                commands::verify_ledger(data, *replica, out, timeout).await
+            }
         }
     });
     match result {

@@ -223,7 +223,8 @@ fn up_commands_exit_codes_and_resume() {
     assert!(text(&o).contains("down"), "{}", text(&o));
     assert_columns_line_up(&String::from_utf8_lossy(&o.stdout));
 
-    // A short benchmark, replicated and unreplicated, with its JSON report.
+    // A short benchmark, replicated and unreplicated, with its JSON report (in the file,
+    // and on stdout for `--output json`, with no progress line there).
     let report = dir.path().join("bench.json");
     let o = Command::new(pbft())
         .arg("--data")
@@ -244,11 +245,16 @@ fn up_commands_exit_codes_and_resume() {
         .arg(replica_bin())
         .arg("--json")
         .arg(&report)
+        .args(["--output", "json"])
         .output()
         .expect("bench");
     assert!(o.status.success(), "{}", text(&o));
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&report).expect("report")).expect("json");
+    let stdout: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+        panic!("stdout is the report alone ({e}): {}", text(&o));
+    });
+    assert_eq!(stdout, v, "stdout and --json hold the same report");
     assert!(
         v["replicated"]["committed"].as_u64().unwrap_or(0) > 0,
         "{v}"
@@ -274,6 +280,9 @@ fn up_commands_exit_codes_and_resume() {
     stop(&mut up);
     let o = run(&data, &["get", "after-kill", "--timeout", "2"]);
     assert_eq!(o.status.code(), Some(3), "cluster stopped: {}", text(&o));
+    let o = run(&data, &["verify-ledger", "--timeout", "2"]);
+    assert_eq!(o.status.code(), Some(3), "cluster stopped: {}", text(&o));
+    assert!(text(&o).contains("cannot reach replica 0"), "{}", text(&o));
 
     // Again: same keys, same data.
     let mut up = start_up(&data, port);
@@ -291,8 +300,6 @@ fn helpful_errors_without_a_cluster() {
     let t = text(&o);
     assert!(t.contains("no cluster at") && t.contains("pbft up"), "{t}");
     assert!(!t.contains("panicked") && !t.contains("backtrace"), "{t}");
-    let o = run(dir.path(), &["up", "--replicas", "5"]);
-    assert!(text(&o).contains("3f+1"), "{}", text(&o));
     let o = run(dir.path(), &["keygen"]);
     assert!(o.status.success());
     assert!(text(&o).contains("public key"));
@@ -301,6 +308,20 @@ fn helpful_errors_without_a_cluster() {
         (&["cas", "k", "v"][..], "--absent"),
         (&["bench", "--concurrency", "0"][..], "at least 1"),
         (&["bench", "--duration", "99999999999"][..], "a week"),
+        (&["bench", "--payload", "99999999999"][..], "16 MiB"),
+        (&["bench", "--rate", "0"][..], "at least 1"),
+        (
+            &["bench", "--rate", "9", "--concurrency", "9"][..],
+            "cannot be used",
+        ),
+        (&["get", "k", "--timeout", "0"][..], "at least 1"),
+        (
+            &["get", "k", "--timeout", "18446744073709551615"][..],
+            "a day",
+        ),
+        (&["up", "--replicas", "5"][..], "3f+1"),
+        (&["up", "--port", "0"][..], "from 1 to"),
+        (&["up", "--port", "65535"][..], "from 1 to"),
     ] {
         let o = run(dir.path(), args);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", text(&o));

@@ -72,13 +72,37 @@ pub fn read_secret(path: &Path) -> Result<[u8; 32]> {
     })
 }
 
-fn write_secret(path: &Path, secret: &[u8; 32]) -> Result<()> {
-    fs::write(path, to_hex(secret)).with_context(|| format!("cannot write {}", path.display()))?;
+/// Writes a secret key as hex, readable by its owner only from the start: the file is
+/// created with mode 0600 (and a file left by an interrupted run is narrowed to it before
+/// anything is written). With `overwrite` false an existing file is refused, atomically.
+pub fn write_secret(path: &Path, secret: &[u8; 32], overwrite: bool) -> Result<()> {
+    use std::io::Write as _;
+    let mut open = fs::OpenOptions::new();
+    open.write(true);
+    if overwrite {
+        open.create(true).truncate(true);
+    } else {
+        open.create_new(true);
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        open.mode(0o600);
+    }
+    let mut file = open.open(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::AlreadyExists => {
+            anyhow::anyhow!("{} exists; refusing to overwrite a key", path.display())
+        }
+        _ => anyhow::Error::new(e).context(format!("cannot write {}", path.display())),
+    })?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let _ = fs::set_permissions(path, fs::Permissions::from_mode(0o600));
+        file.set_permissions(fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("cannot restrict {} to its owner", path.display()))?;
     }
+    file.write_all(to_hex(secret).as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }
 
@@ -167,7 +191,7 @@ impl ClusterFile {
         let mut replicas = Vec::new();
         for i in 0..n {
             let secret = random_secret()?;
-            write_secret(&keys.join(format!("replica-{i}.key")), &secret)?;
+            write_secret(&keys.join(format!("replica-{i}.key")), &secret, true)?;
             let [listen, http, client] = Self::loopback_addrs(i, transport, base_port)?;
             replicas.push(ReplicaInfo {
                 id: i as u32,
@@ -181,7 +205,7 @@ impl ClusterFile {
         let mut clients = Vec::new();
         for id in &client_ids {
             let secret = random_secret()?;
-            write_secret(&keys.join(format!("client-{id}.key")), &secret)?;
+            write_secret(&keys.join(format!("client-{id}.key")), &secret, true)?;
             clients.push((*id, to_hex(&Ed25519Signer::from_secret(secret).public().0)));
         }
         let file = ClusterFile {

@@ -10,8 +10,8 @@ use pbft_api::pb;
 use pbft_core::{Block, Digest, Ed25519Signer, KeyRing, PublicKey, max_faulty};
 use serde_json::json;
 
-use super::cluster::{ClusterFile, parse_hex32, random_secret, to_hex};
-use super::{OutputFormat, exit, http, table};
+use super::cluster::{ClusterFile, parse_hex32, random_secret, to_hex, write_secret};
+use super::{OutputFormat, Unavailable, exit, http, table};
 use crate::{Client, ClientError, ClientOptions};
 
 /// A command's printable outcome and exit code.
@@ -41,6 +41,9 @@ async fn client(dir: &Path, timeout: Duration) -> Result<Client> {
 
 /// Maps client errors to exit codes: unavailability is distinct from other failures.
 pub fn error_code(e: &anyhow::Error) -> i32 {
+    if e.downcast_ref::<Unavailable>().is_some() {
+        return exit::UNAVAILABLE;
+    }
     match e.downcast_ref::<ClientError>() {
         Some(ClientError::NoQuorum { .. }) => exit::UNAVAILABLE,
         _ => exit::ERROR,
@@ -89,15 +92,19 @@ pub async fn get(dir: &Path, key: &str, out: OutputFormat, timeout: Duration) ->
 
 pub async fn del(dir: &Path, key: &str, out: OutputFormat, timeout: Duration) -> Result<Outcome> {
     let existed = client(dir, timeout).await?.delete(key.as_bytes()).await?;
+    // As `get`: a missing key prints nothing on stdout and says so on stderr (exit 4).
     show(
         out,
         json!({"key": key, "existed": existed}),
         if existed {
             "deleted\n".into()
         } else {
-            "no such key\n".into()
+            String::new()
         },
     );
+    if !existed {
+        eprintln!("key {key:?} not found");
+    }
     Ok(Outcome {
         code: if existed { exit::OK } else { exit::NOT_FOUND },
     })
@@ -176,7 +183,7 @@ pub fn status(dir: &Path, out: OutputFormat) -> Result<Outcome> {
                 table::number(&s["height"]),
                 table::number(&s["stable_checkpoint"]),
                 lag,
-                peers.to_string(),
+                format!("{peers}/{}", c.replicas.len() - 1),
                 state.into(),
             ]
         })
@@ -203,19 +210,10 @@ pub fn keygen(out_file: Option<&Path>, output: OutputFormat) -> Result<Outcome> 
     let secret = random_secret()?;
     let public = to_hex(&Ed25519Signer::from_secret(secret).public().0);
     if let Some(path) = out_file {
-        if path.exists() {
-            bail!("{} exists; refusing to overwrite a key", path.display());
-        }
-        std::fs::write(path, to_hex(&secret))
-            .with_context(|| format!("cannot write {}", path.display()))?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
-        }
+        write_secret(path, &secret, false)?;
         show(
             output,
-            json!({"public_key": public, "secret_file": path}),
+            json!({"public_key": public, "secret_file": path.display().to_string()}),
             format!(
                 "public key {public}\nsecret key written to {}\n",
                 path.display()
@@ -233,7 +231,14 @@ pub fn keygen(out_file: Option<&Path>, output: OutputFormat) -> Result<Outcome> 
 
 /// Walks replica `replica`'s chain from genesis through SyncState, checking every hash link
 /// and commit certificate; names the first bad block.
-pub async fn verify_ledger(dir: &Path, replica: u32, out: OutputFormat) -> Result<Outcome> {
+/// Each step (connecting, then each batch of blocks) may take `timeout`; a replica that
+/// does not answer in it is unavailable (exit 3).
+pub async fn verify_ledger(
+    dir: &Path,
+    replica: u32,
+    out: OutputFormat,
+    timeout: Duration,
+) -> Result<Outcome> {
     let c = ClusterFile::load(dir)?;
     let r = c
         .replicas
@@ -259,22 +264,36 @@ pub async fn verify_ledger(dir: &Path, replica: u32, out: OutputFormat) -> Resul
     } else {
         r.listen
     };
-    let mut api = pb::pbft_service_client::PbftServiceClient::connect(format!("http://{addr}"))
-        .await
-        .with_context(|| format!("cannot reach replica {replica} at {addr}"))?
+    let tls = c.client_tls(dir)?;
+    let endpoint = crate::replica_endpoint(&addr.to_string(), tls.as_ref())?.timeout(timeout);
+    let unreachable = |e: &dyn std::fmt::Display| {
+        Unavailable(format!("cannot reach replica {replica} at {addr}: {e}"))
+    };
+    let channel = match tokio::time::timeout(timeout, endpoint.connect()).await {
+        Ok(Ok(ch)) => ch,
+        Ok(Err(e)) => return Err(unreachable(&error_chain(&e)).into()),
+        Err(_) => return Err(unreachable(&format!("no answer in {timeout:?}")).into()),
+    };
+    let mut api = pb::pbft_service_client::PbftServiceClient::new(channel)
         .max_decoding_message_size(64 << 20);
     let mut prev = Digest::ZERO;
     let mut height = 1u64;
     loop {
-        let resp = api
-            .sync_state(pb::SyncStateRequest {
-                from_height: height,
-                max_blocks: 256,
-                node_id: "pbft-cli".into(),
-            })
-            .await
-            .with_context(|| format!("SyncState from replica {replica}"))?
-            .into_inner();
+        let request = pb::SyncStateRequest {
+            from_height: height,
+            max_blocks: 256,
+            node_id: "pbft-cli".into(),
+        };
+        let resp = match api.sync_state(request).await {
+            Ok(r) => r.into_inner(),
+            Err(s) if is_unreachable(s.code()) => {
+                return Err(unreachable(&format!("SyncState: {}", s.message())).into());
+            }
+            Err(s) => bail!(
+                "replica {replica} refused SyncState from height {height}: {}",
+                s.message()
+            ),
+        };
         if resp.blocks.is_empty() {
             break;
         }
@@ -301,6 +320,30 @@ pub async fn verify_ledger(dir: &Path, replica: u32, out: OutputFormat) -> Resul
         ),
     );
     Ok(Outcome { code: exit::OK })
+}
+
+/// gRPC codes that mean the replica did not answer, rather than refused.
+fn is_unreachable(code: tonic::Code) -> bool {
+    matches!(
+        code,
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+    )
+}
+
+/// An error and its sources, `: `-joined (a transport error alone says only "transport
+/// error").
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let part = c.to_string();
+        if !s.contains(&part) {
+            s.push_str(": ");
+            s.push_str(&part);
+        }
+        cur = c.source();
+    }
+    s
 }
 
 fn bad(out: OutputFormat, replica: u32, height: u64, why: &str) -> Result<Outcome> {

@@ -22,6 +22,12 @@ pub mod exit {
     pub const LEDGER_INVALID: i32 = 6;
 }
 
+/// The cluster, or the replica a command needs, did not answer: exit code
+/// `exit::UNAVAILABLE`, as when no quorum answers a request.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Unavailable(pub String);
+
 /// How commands print data.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum OutputFormat {

@@ -19,10 +19,12 @@ use crate::{Client, ClientOptions};
 
 /// Options of `pbft up`.
 pub struct UpArgs {
-    pub replicas: usize,
+    /// Replicas, transport and first port of a new cluster (defaults: 4, grpc, 7000); a
+    /// resumed cluster keeps its own, and says so if these differ.
+    pub replicas: Option<usize>,
     pub data: PathBuf,
-    pub transport: String,
-    pub base_port: u16,
+    pub transport: Option<String>,
+    pub base_port: Option<u16>,
     /// Requests per second of demo load (0: none).
     pub load: u64,
     /// Stop by itself after this long (default: until Ctrl-C).
@@ -34,6 +36,40 @@ struct Proc {
     id: u32,
     child: Option<Child>,
     exit: Option<String>,
+}
+
+/// The replica processes `up` started. Dropped, on any return (an error during start-up
+/// included), it stops every one still running: none is left holding its ports.
+struct Procs(Vec<Proc>);
+
+impl Procs {
+    /// SIGTERM to every live replica at once, then up to 10 s for all of them to finish
+    /// (they flush their journal), then SIGKILL to any still running.
+    fn stop_all(&mut self) {
+        let mut live: Vec<Child> = self.0.iter_mut().filter_map(|p| p.child.take()).collect();
+        for c in &live {
+            if let Ok(pid) = libc::pid_t::try_from(c.id()) {
+                // SAFETY: kill(2) with a pid this process spawned and has not reaped (its
+                // `Child` is still held), so it names that child.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !live.is_empty() && Instant::now() < deadline {
+            live.retain_mut(|c| !matches!(c.try_wait(), Ok(Some(_))));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        for mut c in live {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
 }
 
 fn replica_binary(explicit: Option<&Path>) -> Result<PathBuf> {
@@ -78,22 +114,6 @@ fn spawn(bin: &Path, dir: &Path, id: u32, threads: &str) -> Result<Child> {
         .env("TOKIO_WORKER_THREADS", threads)
         .spawn()
         .with_context(|| format!("cannot start {}", bin.display()))
-}
-
-fn terminate(child: &mut Child) {
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 fn tail(path: &Path, lines: usize) -> String {
@@ -188,18 +208,44 @@ fn commits_per_second(before: Option<(u64, Instant)>, now: Option<(u64, Instant)
     (c1.saturating_sub(c0) as f64 / seconds).round() as u64
 }
 
+/// A resumed cluster keeps the size, transport and ports it was made with: flags that ask
+/// for others are ignored, and said to be.
+fn warn_ignored_flags(args: &UpArgs, c: &ClusterFile) {
+    let mut differ = Vec::new();
+    if args.replicas.is_some_and(|n| n != c.replicas.len()) {
+        differ.push(format!("--replicas (it has {})", c.replicas.len()));
+    }
+    if args.transport.as_ref().is_some_and(|t| *t != c.transport) {
+        differ.push(format!("--transport (it uses {})", c.transport));
+    }
+    let first = c.replicas.first().map(|r| r.listen.port());
+    if args.base_port.is_some_and(|p| Some(p) != first) {
+        let at = first.map_or_else(|| "-".into(), |p| p.to_string());
+        differ.push(format!("--port (it starts at {at})"));
+    }
+    if !differ.is_empty() {
+        eprintln!(
+            "warning: ignoring {}: an existing cluster keeps its layout (use another --data for a new one)",
+            differ.join(", ")
+        );
+    }
+}
+
 /// Runs the local cluster until Ctrl-C (or `duration`).
 pub async fn up(args: UpArgs) -> Result<()> {
     let dir = args.data.clone();
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let _lock = lock_data_dir(&dir)?;
     let fresh = !ClusterFile::path(&dir).is_file();
+    let replicas = args.replicas.unwrap_or(4);
+    let transport = args.transport.clone().unwrap_or_else(|| "grpc".into());
+    let base_port = args.base_port.unwrap_or(7000);
     // Checked before a new cluster's files are written: they fix its ports for good.
     if fresh {
-        ClusterFile::check_size(args.replicas)?;
-        let planned = (0..args.replicas)
+        ClusterFile::check_size(replicas)?;
+        let planned = (0..replicas)
             .map(|i| {
-                let addrs = ClusterFile::loopback_addrs(i, &args.transport, args.base_port)?;
+                let addrs = ClusterFile::loopback_addrs(i, &transport, base_port)?;
                 Ok((i as u32, addrs))
             })
             .collect::<Result<Vec<_>>>()?;
@@ -213,9 +259,10 @@ pub async fn up(args: UpArgs) -> Result<()> {
             c.transport,
             dir.display()
         );
+        warn_ignored_flags(&args, &c);
         c
     } else {
-        let c = ClusterFile::generate(&dir, args.replicas, &args.transport, args.base_port)?;
+        let c = ClusterFile::generate(&dir, replicas, &transport, base_port)?;
         println!(
             "created a {}-replica {} cluster in {} (keys in {}/keys)",
             c.replicas.len(),
@@ -235,9 +282,9 @@ pub async fn up(args: UpArgs) -> Result<()> {
     }
     let bin = replica_binary(args.replica_bin.as_deref())?;
     let threads = runtime_threads(cluster.replicas.len());
-    let mut procs: Vec<Proc> = Vec::new();
+    let mut procs = Procs(Vec::new());
     for r in &cluster.replicas {
-        procs.push(Proc {
+        procs.0.push(Proc {
             id: r.id,
             child: Some(spawn(&bin, &dir, r.id, &threads)?),
             exit: None,
@@ -272,16 +319,12 @@ pub async fn up(args: UpArgs) -> Result<()> {
     // Wait (bounded) until every replica is ready; a replica that dies shows its log.
     let started = Instant::now();
     loop {
-        let died = procs.iter_mut().find_map(|p| {
+        let died = procs.0.iter_mut().find_map(|p| {
             let st = p.child.as_mut()?.try_wait().ok()??;
             Some((p.id, st))
         });
         if let Some((id, st)) = died {
-            for q in &mut procs {
-                if let Some(mut c) = q.child.take() {
-                    terminate(&mut c);
-                }
-            }
+            procs.stop_all();
             let log = dir.join(format!("replica-{id}.log"));
             bail!(
                 "replica {id} exited during start-up ({st}); its log ({}):\n{}",
@@ -298,12 +341,14 @@ pub async fn up(args: UpArgs) -> Result<()> {
             println!("all {ready} replicas ready after {:.1?}", started.elapsed());
             break;
         }
-        if started.elapsed() > Duration::from_secs(60) || stop.load(Ordering::Relaxed) {
-            for p in &mut procs {
-                if let Some(mut c) = p.child.take() {
-                    terminate(&mut c);
-                }
-            }
+        if stop.load(Ordering::Relaxed) {
+            println!("interrupted before every replica was ready; stopping them ...");
+            procs.stop_all();
+            println!("stopped");
+            return Ok(());
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            procs.stop_all();
             bail!(
                 "replicas not ready after 60 s; logs are in {}",
                 dir.display()
@@ -339,7 +384,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
         if stop.load(Ordering::Relaxed) {
             break;
         }
-        for p in &mut procs {
+        for p in &mut procs.0 {
             if let Some(c) = p.child.as_mut()
                 && let Ok(Some(st)) = c.try_wait()
             {
@@ -355,7 +400,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
         // Lag is measured against live replicas only (see the rows below).
         let top = statuses
             .iter()
-            .zip(&procs)
+            .zip(&procs.0)
             .filter(|(_, p)| p.child.is_some())
             .filter_map(|(s, _)| s.as_ref()?["height"].as_u64())
             .max()
@@ -383,7 +428,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
         last_ok = done;
         let mut rows = Vec::with_capacity(cluster.replicas.len());
         for (i, (r, s)) in cluster.replicas.iter().zip(&statuses).enumerate() {
-            let p = &procs[i];
+            let p = &procs.0[i];
             let pid = p.child.as_ref().map_or("-".into(), |c| c.id().to_string());
             let mut row = vec![format!("r{}", r.id), pid];
             // A replica whose process is gone is down, whatever answers on its port.
@@ -446,11 +491,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
     }
     println!("stopping replicas ...");
     stop.store(true, Ordering::Relaxed);
-    for p in &mut procs {
-        if let Some(mut c) = p.child.take() {
-            terminate(&mut c);
-        }
-    }
+    procs.stop_all();
     println!(
         "stopped; `pbft up --data {}` resumes this cluster",
         dir.display()
