@@ -101,8 +101,12 @@ pub fn write_secret(path: &Path, secret: &[u8; 32], overwrite: bool) -> Result<(
         file.set_permissions(fs::Permissions::from_mode(0o600))
             .with_context(|| format!("cannot restrict {} to its owner", path.display()))?;
     }
-    file.write_all(to_hex(secret).as_bytes())
-        .with_context(|| format!("cannot write {}", path.display()))?;
+    if let Err(e) = file.write_all(to_hex(secret).as_bytes()) {
+        // No empty or partial key left behind for the next run to trip over.
+        drop(file);
+        let _ = fs::remove_file(path);
+        return Err(anyhow::Error::new(e).context(format!("cannot write {}", path.display())));
+    }
     Ok(())
 }
 

@@ -271,7 +271,15 @@ pub async fn verify_ledger(
     };
     let channel = match tokio::time::timeout(timeout, endpoint.connect()).await {
         Ok(Ok(ch)) => ch,
-        Ok(Err(e)) => return Err(unreachable(&error_chain(&e)).into()),
+        Ok(Err(e)) if refused_or_timed_out(&e) => {
+            return Err(unreachable(&error_chain(&e)).into());
+        }
+        // TLS (a wrong CA or server name) and the like: the setup is wrong, not the replica
+        // down.
+        Ok(Err(e)) => bail!(
+            "cannot connect to replica {replica} at {addr}: {}",
+            error_chain(&e)
+        ),
         Err(_) => return Err(unreachable(&format!("no answer in {timeout:?}")).into()),
     };
     let mut api = pb::pbft_service_client::PbftServiceClient::new(channel)
@@ -328,6 +336,36 @@ fn is_unreachable(code: tonic::Code) -> bool {
         code,
         tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
     )
+}
+
+/// Whether a connection failed because nothing answered (refused, reset, unreachable or
+/// timed out), rather than because of how it was set up.
+fn refused_or_timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
+    use std::io::ErrorKind::*;
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        if let Some(io) = c.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                ConnectionRefused
+                    | ConnectionReset
+                    | ConnectionAborted
+                    | TimedOut
+                    | HostUnreachable
+                    | NetworkUnreachable
+                    | AddrNotAvailable
+                    | NotConnected
+            )
+        {
+            return true;
+        }
+        // tonic's connect timeout is its own (private) error type.
+        if c.to_string().contains("timed out") {
+            return true;
+        }
+        cur = c.source();
+    }
+    false
 }
 
 /// An error and its sources, `: `-joined (a transport error alone says only "transport

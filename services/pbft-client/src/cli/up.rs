@@ -47,6 +47,8 @@ impl Procs {
     /// (they flush their journal), then SIGKILL to any still running.
     fn stop_all(&mut self) {
         let mut live: Vec<Child> = self.0.iter_mut().filter_map(|p| p.child.take()).collect();
+        // One that exited is reaped here, not signalled: its pid may already be reused.
+        live.retain_mut(|c| matches!(c.try_wait(), Ok(None)));
         for c in &live {
             if let Ok(pid) = libc::pid_t::try_from(c.id()) {
                 // SAFETY: kill(2) with a pid this process spawned and has not reaped (its
@@ -321,6 +323,8 @@ pub async fn up(args: UpArgs) -> Result<()> {
     loop {
         let died = procs.0.iter_mut().find_map(|p| {
             let st = p.child.as_mut()?.try_wait().ok()??;
+            // Reaped: its pid may be reused, so it is never signalled again.
+            p.child = None;
             Some((p.id, st))
         });
         if let Some((id, st)) = died {
