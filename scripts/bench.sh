@@ -2,7 +2,8 @@
 # make bench: measures the local cluster (n = 4 and 7, gRPC and TCP, 64 B / 512 B / 1 KiB
 # payloads) with `pbft bench`, compares with the unreplicated baseline in the same run,
 # records peak replica memory, runs a 10-minute memory soak (scripts/soak_memory.sh), and
-# writes docs/BENCHMARKS.md. Bounded: about 16 minutes after the release build.
+# writes docs/BENCHMARKS.md. Bounded: about 25 minutes after the release build, the
+# 10-minute soak included.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10}
@@ -12,6 +13,15 @@ CONCURRENCY=${CONCURRENCY:-64}
 # 10,000/s offered) run this many times, interleaved; the report shows the median run and
 # lists every run. One 10-second run on this shared machine varies by about a tenth.
 REPEATS=${REPEATS:-3}
+# Whole numbers only: they go into params.json and the report (checked here, before a
+# 16-minute run, rather than by the report at its end).
+for v in DURATION WARMUP CONCURRENCY REPEATS SOAK_SECONDS SOAK_RATE SAMPLE; do
+    val=${!v:-1}
+    if ! [[ $val =~ ^[0-9]+$ ]]; then
+        echo "make bench: $v must be a whole number of seconds or requests, got '$val'" >&2
+        exit 2
+    fi
+done
 OUT=target/bench
 mkdir -p "$OUT"
 # The commit measured, so a report regenerated later (new notes) still names it.
@@ -64,10 +74,12 @@ run_cluster() { # n transport
         if "$PBFT" --data "$dir" status >/dev/null 2>&1; then break; fi
         sleep 0.2
     done
+    # Every row is followed by the unreplicated baseline on the same workload: its ratio
+    # then compares two runs a few seconds apart. This host's speed drifts within minutes
+    # (in one run the baseline at 1 KiB ran at half its speed of a fresh start), so a
+    # baseline from another part of the run would not do.
     for p in 64 512 1024; do
-        local extra=()
-        if [ "$n" = 4 ] && [ "$t" = grpc ]; then extra=(--unreplicated); fi
-        bench_run "$dir" "n$n-$t-$p" 3 --concurrency "$CONCURRENCY" --payload "$p" "${extra[@]}"
+        bench_run "$dir" "n$n-$t-$p" 3 --concurrency "$CONCURRENCY" --payload "$p" --unreplicated
     done
     if [ "$n" = 4 ] && [ "$t" = grpc ]; then
         # Enough requests in flight to fill batches (the floor is stated for that).
@@ -98,5 +110,7 @@ if [ "${SOAK_SECONDS:-600}" != 0 ]; then
     bash scripts/soak_memory.sh
 fi
 
-python3 scripts/bench_report.py "$OUT" > docs/BENCHMARKS.md
+# Into a temporary file first: a report that fails leaves the last good one in place.
+python3 scripts/bench_report.py "$OUT" > "$OUT/BENCHMARKS.md"
+mv "$OUT/BENCHMARKS.md" docs/BENCHMARKS.md
 echo "wrote docs/BENCHMARKS.md"

@@ -67,13 +67,17 @@ commit_file = os.path.join(out, "commit")
 commit = (open(commit_file).read().strip() if os.path.exists(commit_file) else
           subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip())
 print(f"- commit: {commit}; release build; requests are signed (ed25519), ordered, executed and fsync'd")
-overrides = " ".join(f"{k.upper()}={params[k]}" for k in ("duration", "warmup", "concurrency", "repeats")
-                     if k in params and params[k] != {"duration": 10, "warmup": 2, "concurrency": 64,
-                                                      "repeats": 3}[k])
+# Variables given to `make bench` that differ from its defaults, as they were given.
+DEFAULTS = {"duration": ("DURATION", 10), "warmup": ("WARMUP", 2), "concurrency": ("CONCURRENCY", 64),
+            "repeats": ("REPEATS", 3), "soak_seconds": ("SOAK_SECONDS", 600),
+            "soak_rate": ("SOAK_RATE", 500), "soak_sample": ("SAMPLE", 10)}
+overrides = " ".join(f"{var}={params[k]}" for k, (var, default) in DEFAULTS.items()
+                     if k in params and params[k] != default)
 print(f"- command: `{overrides + ' ' if overrides else ''}make bench` (closed loop with {concurrency} "
       "requests in flight unless the row says 256 or 1024, one shared set of connections for all load "
-      f"clients; {warmup} s warm-up, {duration} s measured; the 1,024-in-flight and 10,000/s rows: the "
-      f"median of {repeats} runs, listed below the table)\n")
+      f"clients; {warmup} s warm-up, {duration} s measured; "
+      + (f"the 1,024-in-flight and 10,000/s rows: the median of {repeats} runs, listed below the table)\n"
+         if repeats > 1 else "each row run once)\n"))
 print("| cluster | load | payload B | committed/s | p50 ms | p90 ms | p99 ms | max ms | errors | late "
       "| ratio | peak MiB |")
 print("|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -104,7 +108,8 @@ medians = {row_name: median_run(paths) for row_name, paths in groups.items()}
 # The unreplicated baseline of each (payload, load), from the row that measured it (n = 4,
 # gRPC): rows of other clusters with the same payload and load are compared with it.
 baselines = {}
-for _, data in medians.values():
+for row_name in sorted(medians):  # the same pick on every run, whatever glob's order
+    _, data = medians[row_name]
     b = data.get("unreplicated")
     if b and b.get("committed"):
         baselines.setdefault((b["payload_bytes"], b["mode"]), b)
@@ -124,17 +129,20 @@ for row_name in sorted(groups):
         print(row(data["unreplicated"]))
         if "ratio" in data:
             ratio = ratio or []
-            ratio.append((f"{r['payload_bytes']} B, {r['mode']}", data["ratio"]))
+            ratio.append((f"{r['target']}, {r['payload_bytes']} B, {r['mode']}", data["ratio"]))
 print()
 print("`ratio`: committed/s over the unreplicated baseline's (one server executing the same "
       "signed requests with no consensus: it checks their signatures in batches, executes them "
       "and appends and fsyncs a block per batch, like a replica, and serves the same client API). "
-      "Without a mark, the baseline ran right after that row, on the same workload; `*`: the "
-      "baseline measured with the same payload and load by the n = 4 gRPC row in this run.")
+      "Clients reach replicas over gRPC whatever the transport between replicas, and reach the "
+      "baseline the same way. Without a mark, the baseline ran right after that row, on the same "
+      "workload; `*`: no baseline ran after the row, and the one "
+      "measured with the same payload and load elsewhere in this run is used.")
 print()
 if ratio:
-    print("Replicated / unreplicated throughput, each measured right after the other (n = 4, gRPC):",
-          "; ".join(f"{p}: {r:.2f}" for p, r in ratio))
+    print("Replicated / unreplicated throughput, each measured right after the other:\n")
+    for p, r in ratio:
+        print(f"- {p}: {r:.2f}")
     print()
 if repeated:
     print("Rows measured more than once (interleaved, same cluster) show their median run above, "
@@ -197,8 +205,9 @@ def soak_section():
                      f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, {r['errors']} errors;")
     sample = params.get("soak_sample", 10)
     rate = params.get("soak_rate", 500)
-    print(f"`scripts/soak_memory.sh`: n = 4, gRPC, open loop at {rate}/s for {seconds} s (5 s of it "
-          f"warm-up);{load_desc} resident set (VmRSS) of each replica sampled every {sample} s.\n")
+    measured = params.get("soak_seconds", seconds)
+    print(f"`scripts/soak_memory.sh`: n = 4, gRPC, open loop at {rate}/s, 5 s warm-up and {measured} s "
+          f"measured;{load_desc} resident set (VmRSS) of each replica sampled every {sample} s.\n")
     minutes = list(range(0, seconds // 60 + 1))
     print("| replica | " + " | ".join(f"{m} min" for m in minutes)
           + " | second half growth | peak (VmHWM) |")
