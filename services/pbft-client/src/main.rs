@@ -39,7 +39,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Start a local cluster (keys and config generated on first run) with a live status view.
+    /// Start a local cluster (keys and config generated on first run) with a live status view
+    /// (with --output json: one JSON object per second, one line each).
     Up {
         /// Replicas of a new cluster, 3f+1 [default: 4].
         #[arg(long, value_parser = cluster_size)]
@@ -235,6 +236,7 @@ fn main() {
                 load: *load,
                 duration: seconds.map(Duration::from_secs),
                 replica_bin: replica_bin.clone(),
+                output: out,
             })
             .await
             .map(|()| commands::Outcome { code: exit::OK }),

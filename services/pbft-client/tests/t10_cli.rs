@@ -292,6 +292,39 @@ fn up_commands_exit_codes_and_resume() {
     stop(&mut up);
 }
 
+/// `pbft up --output json`: the live view as one JSON object per line on stdout (the
+/// words go to stderr), and it stops by itself after `--seconds`.
+#[test]
+fn up_prints_its_view_as_json_lines() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_base_port();
+    let o = Command::new(pbft())
+        .arg("--data")
+        .arg(dir.path().join("c"))
+        .args(["--output", "json", "up", "--seconds", "3", "--port"])
+        .arg(port.to_string())
+        .arg("--replica-bin")
+        .arg(replica_bin())
+        .output()
+        .expect("pbft up");
+    assert!(o.status.success(), "{}", text(&o));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let frames: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+        .collect();
+    assert!(!frames.is_empty(), "{}", text(&o));
+    let last = frames.last().expect("a frame");
+    let replicas = last["replicas"].as_array().expect("replicas");
+    assert_eq!(replicas.len(), 4, "{last}");
+    for r in replicas {
+        assert_eq!(r["state"], "up", "{last}");
+        assert_eq!(r["primary"], 0, "{last}");
+        assert_eq!(r["peers_connected"], 3, "{last}");
+    }
+    assert!(text(&o).contains("stopped"), "{}", text(&o));
+}
+
 #[test]
 fn helpful_errors_without_a_cluster() {
     let dir = tempfile::tempdir().expect("tempdir");

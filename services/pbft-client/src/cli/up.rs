@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use super::cluster::ClusterFile;
-use super::{http, table};
+use super::{OutputFormat, http, table};
 use crate::{Client, ClientOptions};
+use serde::Serialize;
 
 /// Options of `pbft up`.
 pub struct UpArgs {
@@ -30,6 +31,8 @@ pub struct UpArgs {
     /// Stop by itself after this long (default: until Ctrl-C).
     pub duration: Option<Duration>,
     pub replica_bin: Option<PathBuf>,
+    /// The live view as a table, or as one JSON object per line (for scripts).
+    pub output: OutputFormat,
 }
 
 struct Proc {
@@ -197,6 +200,75 @@ fn check_ports_free(
     Ok(())
 }
 
+/// One replica's line of the status view (a table row, or an element of a JSON line).
+#[derive(Serialize)]
+struct ViewRow {
+    replica: u32,
+    /// The process, while it runs.
+    pid: Option<u32>,
+    /// `up`, `view change`, `down` (its process exited) or `unreachable` (running, but its
+    /// sidecar does not answer).
+    state: &'static str,
+    view: Option<u64>,
+    primary: Option<u64>,
+    height: Option<u64>,
+    commits_per_sec: Option<u64>,
+    /// Blocks behind the highest live replica.
+    lag: Option<u64>,
+    peers_connected: Option<usize>,
+    /// How its process ended, once it has.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    exit: Option<String>,
+}
+
+/// The demo load's counters, for the view.
+#[derive(Serialize)]
+struct DemoLoad {
+    ok_per_sec: u64,
+    ok: u64,
+    failed: u64,
+}
+
+/// The view's rows as a table.
+fn render_rows(rows: &[ViewRow], n: usize) -> String {
+    let cell = |v: Option<u64>| v.map_or_else(|| "-".into(), |v| v.to_string());
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            let mut row = vec![
+                format!("r{}", r.replica),
+                r.pid.map_or_else(|| "-".into(), |p| p.to_string()),
+                r.state.replace("view change", "vchange"),
+                cell(r.view),
+                r.primary.map_or_else(|| "-".into(), |p| format!("r{p}")),
+                cell(r.height),
+                cell(r.commits_per_sec),
+                cell(r.lag),
+                r.peers_connected
+                    .map_or_else(|| "-".into(), |c| format!("{c}/{}", n - 1)),
+            ];
+            if let Some(e) = &r.exit {
+                row.push(format!("({e})"));
+            }
+            row
+        })
+        .collect();
+    table::render(
+        &[
+            "replica",
+            "pid",
+            "state",
+            "view",
+            "primary",
+            "height",
+            "commits/s",
+            "lag",
+            "peers",
+        ],
+        &cells,
+    )
+}
+
 /// Requests committed per second between two readings of a replica's executed-request
 /// count (`/status`), 0 without two readings or when the count went back (a restart).
 fn commits_per_second(before: Option<(u64, Instant)>, now: Option<(u64, Instant)>) -> u64 {
@@ -235,6 +307,12 @@ fn warn_ignored_flags(args: &UpArgs, c: &ClusterFile) {
 
 /// Runs the local cluster until Ctrl-C (or `duration`).
 pub async fn up(args: UpArgs) -> Result<()> {
+    let output = args.output;
+    let say = move |line: String| match output {
+        // With JSON lines on stdout, the words go to stderr.
+        OutputFormat::Json => eprintln!("{line}"),
+        OutputFormat::Table => println!("{line}"),
+    };
     let dir = args.data.clone();
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let _lock = lock_data_dir(&dir)?;
@@ -255,23 +333,23 @@ pub async fn up(args: UpArgs) -> Result<()> {
     }
     let cluster = if !fresh {
         let c = ClusterFile::load(&dir)?;
-        println!(
+        say(format!(
             "resuming the {}-replica {} cluster in {}",
             c.replicas.len(),
             c.transport,
             dir.display()
-        );
+        ));
         warn_ignored_flags(&args, &c);
         c
     } else {
         let c = ClusterFile::generate(&dir, replicas, &transport, base_port)?;
-        println!(
+        say(format!(
             "created a {}-replica {} cluster in {} (keys in {}/keys)",
             c.replicas.len(),
             c.transport,
             dir.display(),
             dir.display()
-        );
+        ));
         c
     };
     if !fresh {
@@ -342,13 +420,16 @@ pub async fn up(args: UpArgs) -> Result<()> {
             .filter(|r| http::get(r.http, "/readyz").is_some_and(|(c, _)| c == 200))
             .count();
         if ready == cluster.replicas.len() {
-            println!("all {ready} replicas ready after {:.1?}", started.elapsed());
+            say(format!(
+                "all {ready} replicas ready after {:.1?}",
+                started.elapsed()
+            ));
             break;
         }
         if stop.load(Ordering::Relaxed) {
-            println!("interrupted before every replica was ready; stopping them ...");
+            say("interrupted before every replica was ready; stopping them ...".into());
             procs.stop_all();
-            println!("stopped");
+            say("stopped".into());
             return Ok(());
         }
         if started.elapsed() > Duration::from_secs(60) {
@@ -409,97 +490,91 @@ pub async fn up(args: UpArgs) -> Result<()> {
             .filter_map(|(s, _)| s.as_ref()?["height"].as_u64())
             .max()
             .unwrap_or(0);
-        let mut out = String::new();
-        if tty {
-            out.push_str("\x1b[2J\x1b[H");
-        }
         let done = ok.load(Ordering::Relaxed);
-        out.push_str(&format!(
-            "pbft up: {} replicas ({}), data {}   uptime {:.0?}   Ctrl-C stops\n",
-            cluster.replicas.len(),
-            cluster.transport,
-            dir.display(),
-            began.elapsed()
-        ));
-        if args.load > 0 {
-            out.push_str(&format!(
-                "demo load: {} ok/s, {} ok total, {} failed\n",
-                done - last_ok,
-                done,
-                failed.load(Ordering::Relaxed)
-            ));
-        }
-        last_ok = done;
         let mut rows = Vec::with_capacity(cluster.replicas.len());
         for (i, (r, s)) in cluster.replicas.iter().zip(&statuses).enumerate() {
             let p = &procs.0[i];
-            let pid = p.child.as_ref().map_or("-".into(), |c| c.id().to_string());
-            let mut row = vec![format!("r{}", r.id), pid];
+            let mut row = ViewRow {
+                replica: r.id,
+                pid: p.child.as_ref().map(Child::id),
+                state: if p.exit.is_some() {
+                    "down"
+                } else {
+                    "unreachable"
+                },
+                view: None,
+                primary: None,
+                height: None,
+                commits_per_sec: None,
+                lag: None,
+                peers_connected: None,
+                exit: p.exit.clone(),
+            };
             // A replica whose process is gone is down, whatever answers on its port.
             match s.as_ref().filter(|_| p.child.is_some()) {
                 Some(s) => {
-                    let h = s["height"].as_u64();
                     let count = s["executed_requests"].as_u64().map(|c| (c, Instant::now()));
-                    let rate = commits_per_second(last_counts[i], count);
+                    row.commits_per_sec = Some(commits_per_second(last_counts[i], count));
                     last_counts[i] = count;
-                    let peers = table::connected_peers(s);
-                    let state = if s["view_change_in_progress"] == true {
-                        "vchange"
+                    row.state = if s["view_change_in_progress"] == true {
+                        "view change"
                     } else {
                         "up"
                     };
-                    row.extend([
-                        state.to_string(),
-                        table::number(&s["view"]),
-                        table::replica(&s["primary"]),
-                        table::number(&s["height"]),
-                        rate.to_string(),
-                        h.map_or_else(|| "-".into(), |h| top.saturating_sub(h).to_string()),
-                        format!("{peers}/{}", cluster.replicas.len() - 1),
-                    ]);
+                    row.view = s["view"].as_u64();
+                    row.primary = s["primary"].as_u64();
+                    row.height = s["height"].as_u64();
+                    row.lag = row.height.map(|h| top.saturating_sub(h));
+                    row.peers_connected = Some(table::connected_peers(s));
                 }
-                None => {
-                    last_counts[i] = None;
-                    row.push(
-                        if p.exit.is_some() {
-                            "down"
-                        } else {
-                            "unreachable"
-                        }
-                        .into(),
-                    );
-                    row.extend(std::iter::repeat_n("-".to_string(), 6));
-                    if let Some(e) = &p.exit {
-                        row.push(format!("({e})"));
-                    }
-                }
+                None => last_counts[i] = None,
             }
             rows.push(row);
         }
-        out.push_str(&table::render(
-            &[
-                "replica",
-                "pid",
-                "state",
-                "view",
-                "primary",
-                "height",
-                "commits/s",
-                "lag",
-                "peers",
-            ],
-            &rows,
-        ));
-        print!("{out}");
+        let load = (args.load > 0).then(|| DemoLoad {
+            ok_per_sec: done - last_ok,
+            ok: done,
+            failed: failed.load(Ordering::Relaxed),
+        });
+        last_ok = done;
+        let frame = match args.output {
+            OutputFormat::Json => {
+                let line = serde_json::json!({
+                    "uptime_secs": began.elapsed().as_secs(),
+                    "demo_load": load,
+                    "replicas": rows,
+                });
+                format!("{line}\n")
+            }
+            OutputFormat::Table => {
+                let head = format!(
+                    "pbft up: {} replicas ({}), data {}   uptime {:.0?}   Ctrl-C stops\n",
+                    cluster.replicas.len(),
+                    cluster.transport,
+                    dir.display(),
+                    began.elapsed()
+                );
+                let clear = if tty { "\x1b[2J\x1b[H" } else { "" };
+                format!(
+                    "{clear}{head}{}{}",
+                    load.map_or_else(String::new, |l| format!(
+                        "demo load: {} ok/s, {} ok total, {} failed\n",
+                        l.ok_per_sec, l.ok, l.failed
+                    )),
+                    render_rows(&rows, cluster.replicas.len())
+                )
+            }
+        };
+        print!("{frame}");
         let _ = std::io::stdout().flush();
     }
-    println!("stopping replicas ...");
+    say("stopping replicas ...".into());
     stop.store(true, Ordering::Relaxed);
     procs.stop_all();
-    println!(
+    say(format!(
         "stopped; `pbft up --data {}` resumes this cluster",
         dir.display()
-    );
+    ));
     Ok(())
 }
 
