@@ -176,6 +176,25 @@ fn up_commands_exit_codes_and_resume() {
     let o = run(&data, &["del", "greeting"]);
     assert_eq!(o.status.code(), Some(4));
 
+    // Commands run in parallel each get a client id of their own: sharing one, all but
+    // the latest request of that id would be stale, dropped, and time out.
+    let parallel: Vec<Child> = (0..6)
+        .map(|i| {
+            Command::new(pbft())
+                .arg("--data")
+                .arg(&data)
+                .args(["--timeout", "5", "put", &format!("parallel-{i}"), "v"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("pbft put")
+        })
+        .collect();
+    for (i, child) in parallel.into_iter().enumerate() {
+        let o = child.wait_with_output().expect("wait");
+        assert!(o.status.success(), "parallel put {i}: {}", text(&o));
+    }
+
     // A second `pbft up` on the same directory, or a new cluster on the same ports, is
     // refused before it starts anything (it used to start replicas that could not bind
     // and then show the running cluster's replicas as its own).

@@ -247,10 +247,12 @@ pub async fn run_bench(
     };
     let connections = Connections::new(&base)?;
     let mut clients = Vec::new();
-    for id in cluster.load_clients.iter().take(clients_needed) {
+    // Held until the run ends: no other pbft process sends under these ids meanwhile.
+    let lease = super::lease::for_load(dir, cluster, clients_needed, "pbft bench")?;
+    for &id in lease.ids() {
         let opts = ClientOptions {
-            client_id: *id,
-            secret: cluster.client_secret(dir, *id)?,
+            client_id: id,
+            secret: cluster.client_secret(dir, id)?,
             ..base.clone()
         };
         clients.push(Arc::new(Client::with_connections(&connections, &opts)));

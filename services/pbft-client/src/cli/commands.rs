@@ -11,6 +11,7 @@ use pbft_core::{Block, Digest, Ed25519Signer, KeyRing, PublicKey, max_faulty};
 use serde_json::json;
 
 use super::cluster::{ClusterFile, parse_hex32, random_secret, to_hex, write_secret};
+use super::lease::{self, ClientLease};
 use super::{OutputFormat, Unavailable, exit, http, table};
 use crate::{Client, ClientError, ClientOptions};
 
@@ -26,17 +27,22 @@ fn show(output: OutputFormat, value: serde_json::Value, table: String) {
     }
 }
 
-async fn client(dir: &Path, timeout: Duration) -> Result<Client> {
+/// A client for one command, under an id no other pbft process uses meanwhile (see
+/// `lease`); the lease lasts as long as the returned value.
+async fn client(dir: &Path, timeout: Duration) -> Result<(Client, ClientLease)> {
     let c = ClusterFile::load(dir)?;
-    Ok(Client::connect(ClientOptions {
+    let lease = lease::for_command(dir, &c)?;
+    let id = lease.ids()[0];
+    let client = Client::connect(ClientOptions {
         replicas: c.client_addrs(),
-        client_id: c.client_id,
-        secret: c.client_secret(dir, c.client_id)?,
+        client_id: id,
+        secret: c.client_secret(dir, id)?,
         timeout,
         tls: c.client_tls(dir)?,
         ..ClientOptions::default()
     })
-    .await?)
+    .await?;
+    Ok((client, lease))
 }
 
 /// Maps client errors to exit codes: unavailability is distinct from other failures.
@@ -61,16 +67,15 @@ pub async fn put(
     out: OutputFormat,
     timeout: Duration,
 ) -> Result<Outcome> {
-    client(dir, timeout)
-        .await?
-        .put(key.as_bytes(), value.as_bytes())
-        .await?;
+    let (client, _lease) = client(dir, timeout).await?;
+    client.put(key.as_bytes(), value.as_bytes()).await?;
     show(out, json!({"key": key, "written": true}), "OK\n".into());
     Ok(Outcome { code: exit::OK })
 }
 
 pub async fn get(dir: &Path, key: &str, out: OutputFormat, timeout: Duration) -> Result<Outcome> {
-    let v = client(dir, timeout).await?.get(key.as_bytes()).await?;
+    let (client, _lease) = client(dir, timeout).await?;
+    let v = client.get(key.as_bytes()).await?;
     match v {
         Some(v) => {
             show(
@@ -91,7 +96,8 @@ pub async fn get(dir: &Path, key: &str, out: OutputFormat, timeout: Duration) ->
 }
 
 pub async fn del(dir: &Path, key: &str, out: OutputFormat, timeout: Duration) -> Result<Outcome> {
-    let existed = client(dir, timeout).await?.delete(key.as_bytes()).await?;
+    let (client, _lease) = client(dir, timeout).await?;
+    let existed = client.delete(key.as_bytes()).await?;
     // As `get`: a missing key prints nothing on stdout and says so on stderr (exit 4).
     show(
         out,
@@ -118,8 +124,8 @@ pub async fn cas(
     out: OutputFormat,
     timeout: Duration,
 ) -> Result<Outcome> {
-    let r = client(dir, timeout)
-        .await?
+    let (client, _lease) = client(dir, timeout).await?;
+    let r = client
         .cas(key.as_bytes(), expected.map(str::as_bytes), new.as_bytes())
         .await?;
     match r {

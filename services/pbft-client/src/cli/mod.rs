@@ -5,6 +5,7 @@ pub mod bench;
 pub mod cluster;
 pub mod commands;
 pub mod http;
+pub mod lease;
 pub mod table;
 pub mod up;
 

@@ -444,17 +444,22 @@ pub async fn up(args: UpArgs) -> Result<()> {
 
     let ok = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
-    if args.load > 0 {
-        start_load(
-            &dir,
-            &cluster,
-            args.load,
-            ok.clone(),
-            failed.clone(),
-            stop.clone(),
+    // The demo load's client ids, held while the cluster runs (see `lease`).
+    let _load_lease = if args.load > 0 {
+        Some(
+            start_load(
+                &dir,
+                &cluster,
+                args.load,
+                ok.clone(),
+                failed.clone(),
+                stop.clone(),
+            )
+            .await?,
         )
-        .await?;
-    }
+    } else {
+        None
+    };
 
     let tty = std::io::stdout().is_terminal();
     // Each replica's executed-request count when last shown, and when: its commits/s.
@@ -585,18 +590,19 @@ async fn start_load(
     ok: Arc<AtomicU64>,
     failed: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
-) -> Result<()> {
+) -> Result<super::lease::ClientLease> {
     let workers = cluster
         .load_clients
         .len()
         .min(rate.div_ceil(50) as usize)
         .max(1);
     let per_worker = Duration::from_secs_f64(workers as f64 / rate as f64);
-    for (w, id) in cluster.load_clients.iter().take(workers).enumerate() {
+    let lease = super::lease::for_load(dir, cluster, workers, "the demo load")?;
+    for (w, &id) in lease.ids().iter().enumerate() {
         let client = Client::connect(ClientOptions {
             replicas: cluster.client_addrs(),
-            client_id: *id,
-            secret: cluster.client_secret(dir, *id)?,
+            client_id: id,
+            secret: cluster.client_secret(dir, id)?,
             timeout: Duration::from_secs(5),
             tls: cluster.client_tls(dir)?,
             ..ClientOptions::default()
@@ -621,7 +627,7 @@ async fn start_load(
             }
         });
     }
-    Ok(())
+    Ok(lease)
 }
 
 #[cfg(test)]
