@@ -16,6 +16,12 @@
 //! assert_eq!(client.get(b"greeting").await?, Some(b"hello".to_vec()));
 //! # Ok(()) }
 //! ```
+//!
+//! Errors: [`ClientError::NoQuorum`] when f+1 matching replies did not arrive within the
+//! timeout, [`ClientError::Rejected`] when f+1 replicas refused the request (with their
+//! reason), [`ClientError::MalformedRequest`] for a request no replica would order. Each
+//! process needs its own client id: replicas drop a request older than the last they
+//! executed for its client.
 
 pub mod cli;
 
@@ -43,10 +49,16 @@ pub enum ClientError {
         timeout: Duration,
         detail: String,
     },
+    /// f+1 replicas refused the request (or this client refused to send it, e.g. while
+    /// another call of this `Client` is in flight), with the reason.
     #[error("request rejected by the replicas: {0}")]
     Rejected(String),
-    #[error("malformed reply from replica {replica}: {detail}")]
-    MalformedReply { replica: u32, detail: String },
+    /// The request is one no replica would order (an empty key, or larger than a message
+    /// may be): refused here, before it is sent. Malformed replies, by contrast, never fail
+    /// a request on their own (a faulty replica could send them): they appear in the
+    /// `NoQuorum` detail when no f+1 matching replies came.
+    #[error("malformed request: {0}")]
+    MalformedRequest(#[from] pbft_core::ShapeError),
     #[error("invalid address {addr}: {detail}")]
     Address { addr: String, detail: String },
     #[error("TLS settings: {0}")]
@@ -367,6 +379,8 @@ pub struct Client {
     mux: Arc<Mux>,
     timeout: Duration,
     retry_after: Duration,
+    /// The largest request this client sends (`ClientOptions::max_message_bytes`).
+    max_message_bytes: usize,
     /// Our entry in the shared inboxes, to remove on drop.
     inbox_tx: mpsc::UnboundedSender<Answer>,
     /// Shared with our entry: the timestamp of our request in flight (0: none).
@@ -500,6 +514,7 @@ impl Client {
             mux,
             timeout: opts.timeout,
             retry_after: opts.retry_after,
+            max_message_bytes: opts.max_message_bytes,
             inbox_tx,
             pending,
             session: tokio::sync::Mutex::new(Session {
@@ -563,6 +578,9 @@ impl Client {
             core.submit(op)
                 .map_err(|e| ClientError::Rejected(e.to_string()))?
         };
+        // The replicas' own limit may be lower (`max_request_bytes`); they then refuse it
+        // with their reason. The timestamp it took is simply skipped.
+        send.request.check_shape(self.max_message_bytes)?;
         let pb_req = send.request.to_pb();
         // Whatever is left from an earlier request is stale: late replies are dropped, and a
         // stream that failed since is reopened (and announced again) on its next use.
@@ -748,6 +766,29 @@ impl Client {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A request no replica would order fails at once with its reason, before anything is
+    /// sent (the addresses here answer nothing: sending would end in `NoQuorum` after the
+    /// timeout instead).
+    #[tokio::test]
+    async fn a_malformed_request_fails_before_it_is_sent() {
+        let client = Client::connect(ClientOptions {
+            replicas: (1..=4).map(|i| format!("127.0.0.{i}:1")).collect(),
+            max_message_bytes: 1024,
+            timeout: Duration::from_secs(30),
+            ..ClientOptions::default()
+        })
+        .await
+        .expect("client");
+        match client.put(b"", b"v").await {
+            Err(ClientError::MalformedRequest(pbft_core::ShapeError::EmptyKey)) => {}
+            other => panic!("empty key: {other:?}"),
+        }
+        match client.put(b"k", &[0; 2048]).await {
+            Err(ClientError::MalformedRequest(pbft_core::ShapeError::TooLarge { .. })) => {}
+            other => panic!("too large: {other:?}"),
+        }
+    }
 
     fn reply(client: u64, timestamp: u64) -> pb::Reply {
         pb::Reply {
