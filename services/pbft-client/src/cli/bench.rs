@@ -4,7 +4,6 @@
 //! consensus, and the ratio is reported from the same run.
 
 use std::future::Future;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -328,14 +327,13 @@ pub async fn run_bench(
             } else {
                 "measuring"
             };
-            print!(
+            let _ = super::stdout(&format!(
                 "\r{target:<14} [{bar:<30}] {:>5.1}/{:.0}s {phase:<9} {} ok {} err   ",
                 elapsed.as_secs_f64(),
                 total.as_secs_f64(),
                 tally.ok.load(Ordering::Relaxed),
                 tally.errors.load(Ordering::Relaxed)
-            );
-            let _ = std::io::stdout().flush();
+            ));
         }
         if elapsed >= total {
             break;
@@ -345,7 +343,7 @@ pub async fn run_bench(
     // Only what finished inside the window was counted (see `Tally::record`).
     let measured = args.duration.as_secs_f64();
     if !args.quiet {
-        println!();
+        let _ = super::stdout("\n");
     }
     // Closed-loop workers finish the request they hold (or time out), the open loop's
     // dispatcher returns at once; what they finish now is past the window and not counted.
@@ -380,8 +378,8 @@ pub async fn run_bench(
 
 /// Prints a result as one table row.
 pub fn print_row(r: &BenchResult) {
-    println!(
-        "{:<14} {:<26} {:>6}B  {:>9.0}/s  p50 {:>7.2} ms  p90 {:>7.2} ms  p99 {:>7.2} ms  max {:>8.2} ms  ({} ok, {} err, {} late)",
+    let _ = super::stdout(&format!(
+        "{:<14} {:<26} {:>6}B  {:>9.0}/s  p50 {:>7.2} ms  p90 {:>7.2} ms  p99 {:>7.2} ms  max {:>8.2} ms  ({} ok, {} err, {} late)\n",
         r.target,
         r.mode,
         r.payload_bytes,
@@ -393,7 +391,7 @@ pub fn print_row(r: &BenchResult) {
         r.committed,
         r.errors,
         r.late
-    );
+    ));
     // On stderr: scripts (and `make bench`) read the row as stdout's last line.
     if let Some(e) = r.first_error.as_ref().filter(|_| r.committed > 0) {
         eprintln!("{}: {} failed; the first: {e}", r.target, r.errors);
@@ -568,7 +566,9 @@ pub async fn bench(
                 if outcome.is_ok() {
                     let ratio = replicated.throughput_per_sec / base.throughput_per_sec.max(0.001);
                     if out == OutputFormat::Table {
-                        println!("replicated / unreplicated throughput: {ratio:.2}");
+                        let _ = super::stdout(&format!(
+                            "replicated / unreplicated throughput: {ratio:.2}\n"
+                        ));
                     }
                     report["ratio"] = serde_json::json!(ratio);
                 }
@@ -585,7 +585,7 @@ pub async fn bench(
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
     if out == OutputFormat::Json {
-        println!("{report}");
+        let _ = super::stdout(&format!("{report}\n"));
     }
     outcome
 }

@@ -22,8 +22,12 @@ pub struct Outcome {
 
 fn show(output: OutputFormat, value: serde_json::Value, table: String) {
     match output {
-        OutputFormat::Json => println!("{value}"),
-        OutputFormat::Table => print!("{table}"),
+        OutputFormat::Json => {
+            let _ = super::stdout(&format!("{value}\n"));
+        }
+        OutputFormat::Table => {
+            let _ = super::stdout(&table);
+        }
     }
 }
 

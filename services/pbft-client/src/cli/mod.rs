@@ -29,6 +29,15 @@ pub mod exit {
 #[error("{0}")]
 pub struct Unavailable(pub String);
 
+/// Writes `text` to stdout and flushes. Unlike `print!`, a closed stdout (`pbft status |
+/// head -1`) is an error to handle, not a panic: commands ignore it, `pbft up` stops.
+pub fn stdout(text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()
+}
+
 /// How commands print data.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum OutputFormat {

@@ -311,7 +311,9 @@ pub async fn up(args: UpArgs) -> Result<()> {
     let say = move |line: String| match output {
         // With JSON lines on stdout, the words go to stderr.
         OutputFormat::Json => eprintln!("{line}"),
-        OutputFormat::Table => println!("{line}"),
+        OutputFormat::Table => {
+            let _ = super::stdout(&format!("{line}\n"));
+        }
     };
     let dir = args.data.clone();
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -570,8 +572,12 @@ pub async fn up(args: UpArgs) -> Result<()> {
                 )
             }
         };
-        print!("{frame}");
-        let _ = std::io::stdout().flush();
+        // Whoever read the view has gone (`pbft up | head`): stop as on Ctrl-C, rather
+        // than leave the replicas running with no one to stop them.
+        if super::stdout(&frame).is_err() {
+            eprintln!("stdout closed; stopping the cluster");
+            break;
+        }
     }
     say("stopping replicas ...".into());
     stop.store(true, Ordering::Relaxed);
