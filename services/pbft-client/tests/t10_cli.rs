@@ -3,8 +3,16 @@
 //! verifies, and stopping `pbft up` stops every replica; running it again resumes the data.
 
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+use futures_util::Stream;
+use pbft_api::pb;
+use pbft_api::pb::pbft_service_client::PbftServiceClient;
+use pbft_api::pb::pbft_service_server::{PbftService, PbftServiceServer};
+use pbft_client::cli::cluster::ClusterFile;
+use tonic::{Request, Response, Status, Streaming};
 
 fn pbft() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_pbft"))
@@ -138,6 +146,103 @@ fn stop(up: &mut Up) {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// A stand-in for replica 0's peer API that answers `SyncState` with the real replica's
+/// blocks, the `prev_hash` of block `bad` altered, and refuses everything else.
+#[derive(Clone)]
+struct TamperingReplica {
+    upstream: String,
+    bad: u64,
+}
+
+type Out<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl PbftService for TamperingReplica {
+    type MessageStreamStream = Out<pb::PbftMessage>;
+
+    async fn message_stream(
+        &self,
+        _: Request<Streaming<pb::PbftMessage>>,
+    ) -> Result<Response<Self::MessageStreamStream>, Status> {
+        Err(Status::unimplemented("stand-in"))
+    }
+
+    async fn broadcast_message(
+        &self,
+        _: Request<pb::BroadcastRequest>,
+    ) -> Result<Response<pb::BroadcastResponse>, Status> {
+        Err(Status::unimplemented("stand-in"))
+    }
+
+    async fn send_message(
+        &self,
+        _: Request<pb::SendRequest>,
+    ) -> Result<Response<pb::SendResponse>, Status> {
+        Err(Status::unimplemented("stand-in"))
+    }
+
+    async fn sync_state(
+        &self,
+        request: Request<pb::SyncStateRequest>,
+    ) -> Result<Response<pb::SyncStateResponse>, Status> {
+        let mut upstream = PbftServiceClient::connect(format!("http://{}", self.upstream))
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?
+            .max_decoding_message_size(64 << 20);
+        let mut resp = upstream
+            .sync_state(request.into_inner())
+            .await?
+            .into_inner();
+        for b in &mut resp.blocks {
+            if b.height == self.bad {
+                b.prev_hash[0] ^= 1;
+            }
+        }
+        Ok(Response::new(resp))
+    }
+
+    async fn get_checkpoint(
+        &self,
+        _: Request<pb::GetCheckpointRequest>,
+    ) -> Result<Response<pb::GetCheckpointResponse>, Status> {
+        Err(Status::unimplemented("stand-in"))
+    }
+
+    async fn get_status(
+        &self,
+        _: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::GetStatusResponse>, Status> {
+        Err(Status::unimplemented("stand-in"))
+    }
+}
+
+/// Starts a `TamperingReplica` in front of `data`'s replica 0 and writes a copy of the
+/// cluster's layout (under `scratch`) that points replica 0 at it; returns the runtime
+/// serving it (keep it alive) and the copy's directory.
+fn tampering_stand_in(data: &Path, scratch: &Path, bad: u64) -> (tokio::runtime::Runtime, PathBuf) {
+    let mut cluster = ClusterFile::load(data).expect("cluster.yaml");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let stand_in = TamperingReplica {
+        upstream: cluster.replicas[0].listen.to_string(),
+        bad,
+    };
+    rt.spawn(
+        tonic::transport::Server::builder()
+            .add_service(PbftServiceServer::new(stand_in))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    cluster.replicas[0].listen = addr;
+    let dir = scratch.join("tampered");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let yaml = serde_saphyr::to_string(&cluster).expect("yaml");
+    std::fs::write(dir.join("cluster.yaml"), yaml).expect("write cluster.yaml");
+    (rt, dir)
 }
 
 #[test]
@@ -296,6 +401,19 @@ fn up_commands_exit_codes_and_resume() {
         text(&o)
     );
 
+    // The same chain with block 3's link to block 2 altered in transit: verify-ledger
+    // names block 3 as the first bad one and exits 6.
+    let (_rt, tampered) = tampering_stand_in(&data, dir.path(), 3);
+    let o = run(
+        &tampered,
+        &["--output", "json", "verify-ledger", "--replica", "0"],
+    );
+    assert_eq!(o.status.code(), Some(6), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(v["valid"], false, "{v}");
+    assert_eq!(v["first_bad_block"], 3, "{v}");
+    assert!(v["reason"].as_str().unwrap_or("").contains("link"), "{v}");
+
     stop(&mut up);
     let o = run(&data, &["get", "after-kill", "--timeout", "2"]);
     assert_eq!(o.status.code(), Some(3), "cluster stopped: {}", text(&o));
@@ -355,6 +473,31 @@ fn helpful_errors_without_a_cluster() {
     let o = run(dir.path(), &["keygen"]);
     assert!(o.status.success());
     assert!(text(&o).contains("public key"));
+    // keygen --out: the secret in a file only its owner can read, never overwritten.
+    let key = dir.path().join("my.key");
+    let key_arg = key.display().to_string();
+    let o = run(
+        dir.path(),
+        &["--output", "json", "keygen", "--out", &key_arg],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(v["public_key"].as_str().map(str::len), Some(64), "{v}");
+    let secret = std::fs::read_to_string(&key).expect("key file");
+    assert_eq!(secret.len(), 64, "hex of 32 bytes");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&key).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "mode {mode:o}");
+    }
+    let o = run(dir.path(), &["keygen", "--out", &key_arg]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("refusing to overwrite"), "{}", text(&o));
+    assert_eq!(
+        std::fs::read_to_string(&key).expect("key"),
+        secret,
+        "untouched"
+    );
     // Bad arguments exit 2 and say what is wrong, before anything else happens.
     for (args, says) in [
         (&["cas", "k", "v"][..], "--absent"),
