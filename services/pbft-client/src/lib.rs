@@ -17,8 +17,9 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Errors: [`ClientError::NoQuorum`] when f+1 matching replies did not arrive within the
-//! timeout, [`ClientError::Rejected`] when f+1 replicas refused the request (with their
+//! Errors: [`ClientError::Timeout`] when fewer than f+1 replicas answered within the
+//! timeout, [`ClientError::NoQuorum`] when more did but no f+1 agreed,
+//! [`ClientError::Rejected`] when f+1 replicas refused the request (with their
 //! reason), [`ClientError::MalformedRequest`] for a request no replica would order. Each
 //! process needs its own client id: replicas drop a request older than the last they
 //! executed for its client.
@@ -43,6 +44,20 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 /// What went wrong with a request.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    /// Fewer than f+1 replicas answered within the timeout: the cluster is down,
+    /// partitioned or overloaded, or does not know this client. `detail` says what each
+    /// replica said or failed with.
+    #[error(
+        "timed out after {timeout:?}: {answered} replicas answered, {needed} matching replies needed ({detail})"
+    )]
+    Timeout {
+        answered: usize,
+        needed: usize,
+        timeout: Duration,
+        detail: String,
+    },
+    /// f+1 or more replicas answered within the timeout, but no f+1 of them with the same
+    /// result (some are faulty, and the honest ones have not all answered).
     #[error("no quorum: fewer than {needed} matching replies within {timeout:?} ({detail})")]
     NoQuorum {
         needed: usize,
@@ -77,7 +92,7 @@ pub struct ClientOptions {
     pub client_id: u64,
     /// The client's ed25519 secret key; its public key must be registered with the replicas.
     pub secret: [u8; 32],
-    /// How long one request may take before it fails with `NoQuorum`.
+    /// How long one request may take before it fails with `Timeout` (or `NoQuorum`).
     pub timeout: Duration,
     /// How long to wait for f+1 replies from a request sent to the primary alone before
     /// sending it to every replica (a faulty or unreachable primary, a view change).
@@ -623,6 +638,9 @@ impl Client {
         // The last thing each replica said or failed with: retries would repeat it.
         let mut errors: BTreeMap<u32, String> = BTreeMap::new();
         let mut refusals = Refusals::new(needed);
+        // Replicas that sent a well-formed reply: with f+1 of them and no f+1 agreeing the
+        // failure is no quorum, with fewer a timeout.
+        let mut answered: BTreeSet<u32> = BTreeSet::new();
         let mut resent = vec![false; n];
         loop {
             let wake = retry_at.min(deadline);
@@ -645,6 +663,7 @@ impl Client {
             match answer {
                 Answer::Reply(replica, resp) => match Reply::from_pb(resp) {
                     Ok(reply) => {
+                        answered.insert(replica);
                         let mut core = self.core.lock().unwrap_or_else(|e| e.into_inner());
                         if let Some(done) = core.on_reply(ReplicaId(replica), reply) {
                             return Ok(done.result);
@@ -695,18 +714,27 @@ impl Client {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .abandon();
-        Err(ClientError::NoQuorum {
+        let detail = if errors.is_empty() {
+            "no replica answered".into()
+        } else {
+            errors
+                .iter()
+                .map(|(r, e)| format!("r{r}: {e}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        if answered.len() >= needed {
+            return Err(ClientError::NoQuorum {
+                needed,
+                timeout: self.timeout,
+                detail,
+            });
+        }
+        Err(ClientError::Timeout {
+            answered: answered.len(),
             needed,
             timeout: self.timeout,
-            detail: if errors.is_empty() {
-                "no replica answered".into()
-            } else {
-                errors
-                    .iter()
-                    .map(|(r, e)| format!("r{r}: {e}"))
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            },
+            detail,
         })
     }
 

@@ -208,3 +208,23 @@ async fn without_f_plus_one_matching_replies_there_is_no_result() {
         other => panic!("expected no quorum, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn fewer_than_f_plus_one_answers_is_a_timeout() {
+    // One honest reply, three silent replicas: not a disagreement, too few answers.
+    let client = cluster([
+        Script::Honest,
+        Script::Silent,
+        Script::Silent,
+        Script::Silent,
+    ])
+    .await;
+    match client.put(b"k", b"v").await {
+        Err(ClientError::Timeout {
+            answered: 1,
+            needed: 2,
+            ..
+        }) => {}
+        other => panic!("expected a timeout with one answer, got {other:?}"),
+    }
+}

@@ -55,7 +55,7 @@ pub fn error_code(e: &anyhow::Error) -> i32 {
         return exit::UNAVAILABLE;
     }
     match e.downcast_ref::<ClientError>() {
-        Some(ClientError::NoQuorum { .. }) => exit::UNAVAILABLE,
+        Some(ClientError::NoQuorum { .. } | ClientError::Timeout { .. }) => exit::UNAVAILABLE,
         _ => exit::ERROR,
     }
 }
