@@ -31,7 +31,7 @@ rm -rf "$OUT"/n* "$OUT"/soak* "$OUT"/hwm_reset_failed
 # The parameters this run used, for the report's "command" line.
 cat >"$OUT/params.json" <<EOF
 {"duration": $DURATION, "warmup": $WARMUP, "concurrency": $CONCURRENCY, "repeats": $REPEATS,
- "soak_seconds": ${SOAK_SECONDS:-600}, "soak_rate": ${SOAK_RATE:-500}, "soak_sample": ${SAMPLE:-10}}
+ "soak_seconds": ${SOAK_SECONDS:-600}, "soak_rate": ${SOAK_RATE:-5000}, "soak_sample": ${SAMPLE:-10}}
 EOF
 cargo build --release -q -p pbft-replica -p pbft-client
 cargo run --release -q -p pbft-core --example crypto_cost -- --json "$OUT/crypto.json"

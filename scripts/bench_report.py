@@ -70,7 +70,7 @@ print(f"- commit: {commit}; release build; requests are signed (ed25519), ordere
 # Variables given to `make bench` that differ from its defaults, as they were given.
 DEFAULTS = {"duration": ("DURATION", 10), "warmup": ("WARMUP", 2), "concurrency": ("CONCURRENCY", 64),
             "repeats": ("REPEATS", 3), "soak_seconds": ("SOAK_SECONDS", 600),
-            "soak_rate": ("SOAK_RATE", 500), "soak_sample": ("SAMPLE", 10)}
+            "soak_rate": ("SOAK_RATE", 5000), "soak_sample": ("SAMPLE", 10)}
 overrides = " ".join(f"{var}={params[k]}" for k, (var, default) in DEFAULTS.items()
                      if k in params and params[k] != default)
 print(f"- command: `{overrides + ' ' if overrides else ''}make bench` (closed loop with {concurrency} "
@@ -204,7 +204,7 @@ def soak_section():
         load_desc = (f" {r['throughput_per_sec']:.0f} committed/s of 512 B requests, "
                      f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, {r['errors']} errors;")
     sample = params.get("soak_sample", 10)
-    rate = params.get("soak_rate", 500)
+    rate = params.get("soak_rate", 5000)
     measured = params.get("soak_seconds", seconds)
     print(f"`scripts/soak_memory.sh`: n = 4, gRPC, open loop at {rate}/s, 5 s warm-up and {measured} s "
           f"measured;{load_desc} resident set (VmRSS) of each replica sampled every {sample} s.\n")
