@@ -48,7 +48,7 @@ pub enum ClientError {
     /// partitioned or overloaded, or does not know this client. `detail` says what each
     /// replica said or failed with.
     #[error(
-        "timed out after {timeout:?}: {answered} replicas answered, {needed} matching replies needed ({detail})"
+        "timed out after {timeout:?}: {needed} matching replies needed, replies from {answered} replica(s) ({detail})"
     )]
     Timeout {
         answered: usize,
@@ -57,19 +57,22 @@ pub enum ClientError {
         detail: String,
     },
     /// f+1 or more replicas answered within the timeout, but no f+1 of them with the same
-    /// result (some are faulty, and the honest ones have not all answered).
+    /// result (some are faulty, and the honest ones have not all answered). Which of the
+    /// two a failure is only hints at the cause: a faulty replica's reply during an
+    /// outage makes it `NoQuorum`, silent faulty replicas make a disagreement `Timeout`.
     #[error("no quorum: fewer than {needed} matching replies within {timeout:?} ({detail})")]
     NoQuorum {
         needed: usize,
         timeout: Duration,
         detail: String,
     },
-    /// f+1 replicas refused the request (or this client refused to send it, e.g. while
-    /// another call of this `Client` is in flight), with the reason.
+    /// f+1 replicas refused the request, with the reason (or this client's core refused
+    /// to make it).
     #[error("request rejected by the replicas: {0}")]
     Rejected(String),
-    /// The request is one no replica would order (an empty key, or larger than a message
-    /// may be): refused here, before it is sent. Malformed replies, by contrast, never fail
+    /// The request is one no replica would order (an empty key, or larger than
+    /// `ClientOptions::max_message_bytes`): refused here, before it is sent. One within
+    /// that but over the replicas' `max_request_bytes` is `Rejected` by them. Malformed replies, by contrast, never fail
     /// a request on their own (a faulty replica could send them): they appear in the
     /// `NoQuorum` detail when no f+1 matching replies came.
     #[error("malformed request: {0}")]
@@ -635,7 +638,8 @@ impl Client {
         }
         let needed = max_faulty(n) + 1;
         let deadline = tokio::time::Instant::now() + self.timeout;
-        // The last thing each replica said or failed with: retries would repeat it.
+        // The last thing each replica said (its result, or why it refused) or failed with:
+        // retries would repeat it.
         let mut errors: BTreeMap<u32, String> = BTreeMap::new();
         let mut refusals = Refusals::new(needed);
         // Replicas that sent a well-formed reply: with f+1 of them and no f+1 agreeing the
@@ -663,7 +667,11 @@ impl Client {
             match answer {
                 Answer::Reply(replica, resp) => match Reply::from_pb(resp) {
                     Ok(reply) => {
-                        answered.insert(replica);
+                        // A late reply to an earlier request is no answer to this one.
+                        if reply.timestamp == pb_req.timestamp {
+                            answered.insert(replica);
+                            errors.insert(replica, format!("replied {:?}", reply.result));
+                        }
                         let mut core = self.core.lock().unwrap_or_else(|e| e.into_inner());
                         if let Some(done) = core.on_reply(ReplicaId(replica), reply) {
                             return Ok(done.result);

@@ -183,7 +183,7 @@ fn timeout_seconds(s: &str) -> Result<u64, String> {
 }
 
 /// The largest `bench --payload`: a request must fit in one message (the replicas' own
-/// `max_request_bytes`, 64 KiB by default, refuses most below this anyway).
+/// `max_request_bytes`, 1 MiB by default, refuses most below this anyway).
 const PAYLOAD_BYTES_MAX: usize = 16 << 20;
 
 fn payload_bytes(s: &str) -> Result<usize, String> {

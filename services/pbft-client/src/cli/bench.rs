@@ -18,6 +18,7 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use super::cluster::ClusterFile;
+use super::lease::{self, ClientLease};
 use super::{OutputFormat, Unavailable};
 use crate::{Client, ClientOptions, Connections};
 
@@ -209,6 +210,48 @@ async fn open_loop<W, F, Fut>(
     }
 }
 
+/// The load clients a run needs, leased for the whole of `pbft bench` (both runs with
+/// `--unreplicated`), so no other pbft process sends under them meanwhile. A closed loop
+/// needs one per request in flight. An open loop wants rate / 10 (each holds one request
+/// at a time, so they keep up while latency stays under 100 ms; past that, requests are
+/// `late`: they wait for a free client, and the wait counts in their latency), and makes
+/// do with fewer, saying so.
+fn lease_load_clients(dir: &Path, cluster: &ClusterFile, args: &BenchArgs) -> Result<ClientLease> {
+    if cluster.load_clients.is_empty() {
+        bail!("this cluster registers no load clients (load_clients in its cluster.yaml)");
+    }
+    let registered = cluster.load_clients.len();
+    match args.rate {
+        None => {
+            if args.concurrency > registered {
+                bail!(
+                    "--concurrency {} exceeds the {registered} load clients registered in this cluster",
+                    args.concurrency
+                );
+            }
+            lease::for_load(
+                dir,
+                cluster,
+                args.concurrency,
+                args.concurrency,
+                "pbft bench",
+            )
+        }
+        Some(rate) => {
+            let want = ((rate as usize) / 10).clamp(1, registered);
+            let lease = lease::for_load(dir, cluster, want, 1, "pbft bench")?;
+            if lease.ids().len() < want {
+                eprintln!(
+                    "warning: {} of the {want} load clients this rate wants are free; requests \
+                     that find none idle wait and count as late",
+                    lease.ids().len()
+                );
+            }
+            Ok(lease)
+        }
+    }
+}
+
 /// Runs the workload against `replicas` (client API addresses) with the cluster's load
 /// clients.
 pub async fn run_bench(
@@ -217,25 +260,8 @@ pub async fn run_bench(
     replicas: Vec<String>,
     target: &str,
     args: &BenchArgs,
+    client_ids: &[u64],
 ) -> Result<BenchResult> {
-    // An open loop needs a client free whenever a request is due: each holds one request
-    // at a time, so rate / 10 of them keep up while latency stays under 100 ms. Past that
-    // requests are `late`: they wait for a free client, and the wait counts in their
-    // latency.
-    if cluster.load_clients.is_empty() {
-        bail!("this cluster registers no load clients (load_clients in its cluster.yaml)");
-    }
-    let clients_needed = match args.rate {
-        Some(r) => ((r as usize) / 10).clamp(1, cluster.load_clients.len()),
-        None => args.concurrency,
-    };
-    if clients_needed > cluster.load_clients.len() {
-        bail!(
-            "--concurrency {} exceeds the {} load clients registered in this cluster",
-            clients_needed,
-            cluster.load_clients.len()
-        );
-    }
     // One set of connections for every load client: their streams share a few HTTP/2
     // connections, as many application clients behind one process would.
     let base = ClientOptions {
@@ -246,9 +272,7 @@ pub async fn run_bench(
     };
     let connections = Connections::new(&base)?;
     let mut clients = Vec::new();
-    // Held until the run ends: no other pbft process sends under these ids meanwhile.
-    let lease = super::lease::for_load(dir, cluster, clients_needed, "pbft bench")?;
-    for &id in lease.ids() {
+    for &id in client_ids {
         let opts = ClientOptions {
             client_id: id,
             secret: cluster.client_secret(dir, id)?,
@@ -405,6 +429,7 @@ pub async fn run_unreplicated(
     cluster: &ClusterFile,
     replica_bin: &Path,
     args: &BenchArgs,
+    client_ids: &[u64],
 ) -> Result<BenchResult> {
     let base = dir.join("unreplicated");
     let _ = std::fs::remove_dir_all(&base);
@@ -467,7 +492,15 @@ pub async fn run_unreplicated(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let result = run_bench(dir, cluster, vec![listen.to_string()], "unreplicated", args).await;
+    let result = run_bench(
+        dir,
+        cluster,
+        vec![listen.to_string()],
+        "unreplicated",
+        args,
+        client_ids,
+    )
+    .await;
     if let Ok(pid) = libc::pid_t::try_from(child.id()) {
         // SAFETY: kill(2) on the child spawned above, not yet reaped (`child` is held).
         unsafe { libc::kill(pid, libc::SIGTERM) };
@@ -525,6 +558,8 @@ pub async fn bench(
             "--unreplicated compares clusters without TLS only (this one has `tls:` in its cluster.yaml)"
         );
     }
+    // Before anything is measured: a run without its clients fails at once.
+    let lease = lease_load_clients(dir, &cluster, &args)?;
     let n = cluster.replicas.len();
     let quorum = n - pbft_core::max_faulty(n);
     let up = wait_until_ready(&cluster, quorum).await;
@@ -547,7 +582,15 @@ pub async fn bench(
         }
     };
     let target = format!("pbft n={} {}", cluster.replicas.len(), cluster.transport);
-    let replicated = run_bench(dir, &cluster, cluster.client_addrs(), &target, &args).await?;
+    let replicated = run_bench(
+        dir,
+        &cluster,
+        cluster.client_addrs(),
+        &target,
+        &args,
+        lease.ids(),
+    )
+    .await?;
     show(&replicated);
     let mut report = serde_json::json!({ "replicated": replicated });
     // A run that committed nothing is still reported (with its first error) before the
@@ -559,7 +602,7 @@ pub async fn bench(
             Some(b) => b.to_path_buf(),
             None => std::env::current_exe()?.with_file_name("pbft-replica"),
         };
-        match run_unreplicated(dir, &cluster, &bin, &args).await {
+        match run_unreplicated(dir, &cluster, &bin, &args, lease.ids()).await {
             Ok(base) => {
                 show(&base);
                 outcome = nothing_committed(&base);

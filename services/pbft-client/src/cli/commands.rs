@@ -35,7 +35,7 @@ fn show(output: OutputFormat, value: serde_json::Value, table: String) {
 /// `lease`); the lease lasts as long as the returned value.
 async fn client(dir: &Path, timeout: Duration) -> Result<(Client, ClientLease)> {
     let c = ClusterFile::load(dir)?;
-    let lease = lease::for_command(dir, &c)?;
+    let lease = lease::for_command(dir, &c, timeout)?;
     let id = lease.ids()[0];
     let client = Client::connect(ClientOptions {
         replicas: c.client_addrs(),

@@ -310,7 +310,10 @@ pub async fn up(args: UpArgs) -> Result<()> {
     let output = args.output;
     let say = move |line: String| match output {
         // With JSON lines on stdout, the words go to stderr.
-        OutputFormat::Json => eprintln!("{line}"),
+        // (`writeln!`, not `eprintln!`: a closed stderr must not panic either.)
+        OutputFormat::Json => {
+            let _ = writeln!(std::io::stderr(), "{line}");
+        }
         OutputFormat::Table => {
             let _ = super::stdout(&format!("{line}\n"));
         }
@@ -363,6 +366,21 @@ pub async fn up(args: UpArgs) -> Result<()> {
         )?;
     }
     let bin = replica_binary(args.replica_bin.as_deref())?;
+    // The demo load's client ids (see `lease`), held while the cluster runs; taken before
+    // any replica starts, so that a clash stops nothing.
+    let load_lease = match args.load {
+        0 => None,
+        rate => {
+            let workers = demo_workers(&cluster, rate);
+            Some(super::lease::for_load(
+                &dir,
+                &cluster,
+                workers,
+                workers,
+                "the demo load",
+            )?)
+        }
+    };
     let threads = runtime_threads(cluster.replicas.len());
     let mut procs = Procs(Vec::new());
     for r in &cluster.replicas {
@@ -446,22 +464,18 @@ pub async fn up(args: UpArgs) -> Result<()> {
 
     let ok = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
-    // The demo load's client ids, held while the cluster runs (see `lease`).
-    let _load_lease = if args.load > 0 {
-        Some(
-            start_load(
-                &dir,
-                &cluster,
-                args.load,
-                ok.clone(),
-                failed.clone(),
-                stop.clone(),
-            )
-            .await?,
+    if let Some(lease) = &load_lease {
+        start_load(
+            &dir,
+            &cluster,
+            lease,
+            args.load,
+            ok.clone(),
+            failed.clone(),
+            stop.clone(),
         )
-    } else {
-        None
-    };
+        .await?;
+    }
 
     let tty = std::io::stdout().is_terminal();
     // Each replica's executed-request count when last shown, and when: its commits/s.
@@ -575,7 +589,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
         // Whoever read the view has gone (`pbft up | head`): stop as on Ctrl-C, rather
         // than leave the replicas running with no one to stop them.
         if super::stdout(&frame).is_err() {
-            eprintln!("stdout closed; stopping the cluster");
+            let _ = writeln!(std::io::stderr(), "stdout closed; stopping the cluster");
             break;
         }
     }
@@ -589,21 +603,27 @@ pub async fn up(args: UpArgs) -> Result<()> {
     Ok(())
 }
 
+/// How many demo-load workers `rate` requests per second take (each sends one request
+/// at a time, 50 a second at most).
+fn demo_workers(cluster: &ClusterFile, rate: u64) -> usize {
+    cluster
+        .load_clients
+        .len()
+        .min(rate.div_ceil(50) as usize)
+        .max(1)
+}
+
 async fn start_load(
     dir: &Path,
     cluster: &ClusterFile,
+    lease: &super::lease::ClientLease,
     rate: u64,
     ok: Arc<AtomicU64>,
     failed: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
-) -> Result<super::lease::ClientLease> {
-    let workers = cluster
-        .load_clients
-        .len()
-        .min(rate.div_ceil(50) as usize)
-        .max(1);
+) -> Result<()> {
+    let workers = lease.ids().len().max(1);
     let per_worker = Duration::from_secs_f64(workers as f64 / rate as f64);
-    let lease = super::lease::for_load(dir, cluster, workers, "the demo load")?;
     for (w, &id) in lease.ids().iter().enumerate() {
         let client = Client::connect(ClientOptions {
             replicas: cluster.client_addrs(),
@@ -633,7 +653,7 @@ async fn start_load(
             }
         });
     }
-    Ok(lease)
+    Ok(())
 }
 
 #[cfg(test)]
