@@ -2,7 +2,7 @@
 //! flight and increasing timestamps, and replicas drop a request older than the last one
 //! they executed for its client; so two processes using one id at once (two `pbft put` in
 //! parallel, or `pbft bench` beside `pbft up --load`) would make one of them stale: dropped
-//! without an answer, it would time out as "no quorum". Each process therefore leases the
+//! without an answer, it would time out. Each process therefore leases the
 //! ids it uses with a lock file per id (`<data>/locks/client-<id>.lock`), held until it
 //! exits. Where no lock file can be kept (a read-only data directory) the ids are used
 //! without one, with a warning.
