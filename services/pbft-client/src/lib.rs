@@ -464,8 +464,19 @@ impl Refusals {
 /// A broken link's status with the errors beneath it: tonic says "tcp connect error" and
 /// keeps "Connection refused (os error 111)" in its source chain, which is the useful part.
 fn status_detail(status: &tonic::Status) -> String {
-    let mut out = status.message().to_string();
-    let mut source = std::error::Error::source(status);
+    with_sources(
+        status.message().to_string(),
+        std::error::Error::source(status),
+    )
+}
+
+/// `head` followed by each error of `source`'s chain that it does not already say,
+/// `: `-joined.
+pub(crate) fn with_sources(
+    head: String,
+    mut source: Option<&(dyn std::error::Error + 'static)>,
+) -> String {
+    let mut out = head;
     while let Some(e) = source {
         let text = e.to_string();
         if !text.is_empty() && !out.contains(&text) {

@@ -268,9 +268,9 @@ fn main() {
                     warmup: Duration::from_secs(*warmup),
                     json: json.clone(),
                     timeout,
-                    quiet: out == OutputFormat::Json,
+                    output: out,
                 };
-                bench::bench(data, args, out, *unreplicated, replica_bin.as_deref())
+                bench::bench(data, args, *unreplicated, replica_bin.as_deref())
                     .await
                     .map(|()| commands::Outcome { code: exit::OK })
             }

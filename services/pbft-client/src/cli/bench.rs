@@ -57,8 +57,8 @@ pub struct BenchArgs {
     pub json: Option<PathBuf>,
     /// How long one request may take.
     pub timeout: Duration,
-    /// No progress line (`--output json`).
-    pub quiet: bool,
+    /// How the results are printed; JSON goes without the progress line.
+    pub output: OutputFormat,
 }
 
 /// What one run measured.
@@ -343,7 +343,7 @@ pub async fn run_bench(
     loop {
         tick.tick().await;
         let elapsed = started.elapsed();
-        if !args.quiet {
+        if args.output == OutputFormat::Table {
             let frac = (elapsed.as_secs_f64() / total.as_secs_f64()).min(1.0);
             let bar = "=".repeat((frac * 30.0) as usize);
             let phase = if elapsed < args.warmup {
@@ -366,7 +366,7 @@ pub async fn run_bench(
     stop.store(true, Ordering::Relaxed);
     // Only what finished inside the window was counted (see `Tally::record`).
     let measured = args.duration.as_secs_f64();
-    if !args.quiet {
+    if args.output == OutputFormat::Table {
         let _ = super::stdout("\n");
     }
     // Closed-loop workers finish the request they hold (or time out), the open loop's
@@ -501,10 +501,7 @@ pub async fn run_unreplicated(
         client_ids,
     )
     .await;
-    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
-        // SAFETY: kill(2) on the child spawned above, not yet reaped (`child` is held).
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-    }
+    super::sigterm(&child);
     let _ = tokio::task::spawn_blocking(move || child.wait()).await;
     result
 }
@@ -546,7 +543,6 @@ async fn wait_until_ready(cluster: &ClusterFile, quorum: usize) -> usize {
 pub async fn bench(
     dir: &Path,
     args: BenchArgs,
-    out: OutputFormat,
     unreplicated: bool,
     replica_bin: Option<&Path>,
 ) -> Result<()> {
@@ -577,7 +573,7 @@ pub async fn bench(
         );
     }
     let show = |r: &BenchResult| {
-        if out == OutputFormat::Table {
+        if args.output == OutputFormat::Table {
             print_row(r);
         }
     };
@@ -608,7 +604,7 @@ pub async fn bench(
                 outcome = nothing_committed(&base);
                 if outcome.is_ok() {
                     let ratio = replicated.throughput_per_sec / base.throughput_per_sec.max(0.001);
-                    if out == OutputFormat::Table {
+                    if args.output == OutputFormat::Table {
                         let _ = super::stdout(&format!(
                             "replicated / unreplicated throughput: {ratio:.2}\n"
                         ));
@@ -627,7 +623,7 @@ pub async fn bench(
         std::fs::write(path, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
-    if out == OutputFormat::Json {
+    if args.output == OutputFormat::Json {
         let _ = super::stdout(&format!("{report}\n"));
     }
     outcome

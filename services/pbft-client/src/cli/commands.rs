@@ -380,18 +380,8 @@ fn refused_or_timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
 
 /// An error and its sources, `: `-joined (a transport error alone says only "transport
 /// error").
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let part = c.to_string();
-        if !s.contains(&part) {
-            s.push_str(": ");
-            s.push_str(&part);
-        }
-        cur = c.source();
-    }
-    s
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    crate::with_sources(e.to_string(), e.source())
 }
 
 fn bad(out: OutputFormat, replica: u32, height: u64, why: &str) -> Result<Outcome> {

@@ -38,6 +38,16 @@ pub fn stdout(text: &str) -> std::io::Result<()> {
     out.flush()
 }
 
+/// Asks a child process started by this one to stop (SIGTERM); waiting for it is the
+/// caller's.
+pub fn sigterm(child: &std::process::Child) {
+    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+        // SAFETY: kill(2) only. The `Child` is held and, as callers reap with it alone, not
+        // yet reaped, so the pid still names that child.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+    }
+}
+
 /// How commands print data.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum OutputFormat {

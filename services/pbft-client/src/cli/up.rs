@@ -53,11 +53,7 @@ impl Procs {
         // One that exited is reaped here, not signalled: its pid may already be reused.
         live.retain_mut(|c| matches!(c.try_wait(), Ok(None)));
         for c in &live {
-            if let Ok(pid) = libc::pid_t::try_from(c.id()) {
-                // SAFETY: kill(2) with a pid this process spawned and has not reaped (its
-                // `Child` is still held), so it names that child.
-                unsafe { libc::kill(pid, libc::SIGTERM) };
-            }
+            super::sigterm(c);
         }
         let deadline = Instant::now() + Duration::from_secs(10);
         while !live.is_empty() && Instant::now() < deadline {
